@@ -1,0 +1,40 @@
+"""trio streams over io_uring, with zero-copy sends from registered memory.
+
+``ZeroCopyStream`` is a ``trio.abc.HalfCloseableStream``; ``serve_tcp``,
+``open_tcp_stream`` and ``open_tcp_listeners`` mirror trio's.  The send path
+uses the best strategy the running kernel supports; ``features()`` says which.
+"""
+
+from ._buffers import MemlockError
+from ._features import STRATEGIES, Features, features
+from ._highlevel import (
+    ZeroCopyListener,
+    open_tcp_listeners,
+    open_tcp_stream,
+    open_unix_stream,
+    serve_tcp,
+)
+from ._manager import IOManager, ManagerClosedError, current_manager, open_manager
+from ._ring import RingSetupError
+from ._stream import StreamStats, ZeroCopyStream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STRATEGIES",
+    "Features",
+    "IOManager",
+    "ManagerClosedError",
+    "MemlockError",
+    "RingSetupError",
+    "StreamStats",
+    "ZeroCopyListener",
+    "ZeroCopyStream",
+    "current_manager",
+    "features",
+    "open_manager",
+    "open_tcp_listeners",
+    "open_tcp_stream",
+    "open_unix_stream",
+    "serve_tcp",
+]

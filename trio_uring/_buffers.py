@@ -1,0 +1,277 @@
+"""Registered slices and provided-buffer rings: pure bookkeeping.
+
+Nothing here waits or talks to trio, so every rule can be tested without a
+kernel: the stream layer turns "no slice free" into a trio wait, and the ring
+layer turns registration into syscalls.
+
+The invariant this module exists to keep: a slice returns to the free list
+only when every kernel reference to it is gone, i.e. when the ``SliceLease``
+that holds it is sealed (no more sends will use it) and every send that used
+it has delivered its notification (``IORING_CQE_F_NOTIF``) or completed
+without one.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+from . import _abi
+from ._shim_cffi import ffi, lib
+
+
+class MemlockError(OSError):
+    """Registering the arena was refused because of ``RLIMIT_MEMLOCK``."""
+
+
+def encode_fixed_provided(buf_index: int, offset: int) -> int:
+    """The addr of a fixed-provided entry: ``(offset << 20) | buf_index``."""
+    if not 0 <= buf_index <= _abi.FIXED_PROVIDED_INDEX_MASK:
+        raise ValueError(f"registered buffer index {buf_index} does not fit in 20 bits")
+    if not 0 <= offset <= _abi.FIXED_PROVIDED_MAX_OFFSET:
+        raise ValueError(f"offset {offset} does not fit in 44 bits")
+    return (offset << _abi.FIXED_PROVIDED_INDEX_BITS) | buf_index
+
+
+def decode_fixed_provided(addr: int) -> tuple[int, int]:
+    """Inverse of ``encode_fixed_provided``: ``(buf_index, offset)``."""
+    return addr & _abi.FIXED_PROVIDED_INDEX_MASK, addr >> _abi.FIXED_PROVIDED_INDEX_BITS
+
+
+class _Ticket:
+    __slots__ = ("grant", "max_slices")
+
+    def __init__(self, max_slices: int, grant: Callable[[list[int]], None]) -> None:
+        self.max_slices = max_slices
+        self.grant = grant
+
+
+class RegisteredArena:
+    """Memory registered with the ring as one fixed buffer, cut into slices.
+
+    Slices are identified by their number, which is also the ``bid`` of the
+    provided-buffer entries that carry them.  ``acquire`` hands out free
+    slices at once when nobody is queued; otherwise the caller queues with
+    ``request`` and is granted slices in FIFO order as they are released, so
+    many streams sharing a small arena all make progress.
+    """
+
+    def __init__(self, size: int, slice_size: int, *, buf_index: int = 0) -> None:
+        if not isinstance(size, int) or not isinstance(slice_size, int):
+            raise TypeError("arena_size and slice_size must be ints (bytes)")
+        if slice_size <= 0 or size < slice_size:
+            raise ValueError(
+                f"arena_size ({size}) must hold at least one slice of slice_size ({slice_size})"
+            )
+        if size > _abi.MAX_REGISTERED_BUFFER:
+            raise ValueError(
+                f"arena_size {size} exceeds the kernel's 1 GiB limit for one registered buffer"
+            )
+        n_slices = size // slice_size
+        if n_slices > 1 << 16:
+            raise ValueError(
+                f"{n_slices} slices exceed the 65536 buffer ids a provided ring can name; "
+                "use a larger slice_size"
+            )
+        self.slice_size = slice_size
+        self.n_slices = n_slices
+        self.size = n_slices * slice_size
+        self.buf_index = buf_index
+        self.memory = mmap.mmap(-1, self.size)
+        self.view = memoryview(self.memory)
+        self.cdata = ffi.from_buffer(self.memory)
+        self.base: int = int(ffi.cast("uintptr_t", self.cdata))
+        self._free: deque[int] = deque(range(n_slices))
+        self._waiters: deque[_Ticket] = deque()
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def offset(self, slice_id: int) -> int:
+        return slice_id * self.slice_size
+
+    def acquire(self, max_slices: int) -> list[int]:
+        """Take up to ``max_slices`` free slices now; [] if none or others queue first."""
+        if self._waiters or not self._free:
+            return []
+        return self._take(max_slices)
+
+    def _take(self, max_slices: int) -> list[int]:
+        free = self._free
+        n = min(max_slices, len(free))
+        return [free.popleft() for _ in range(n)]
+
+    def request(self, max_slices: int, grant: Callable[[list[int]], None]) -> _Ticket:
+        """Queue for slices; ``grant(slices)`` is called once some are released."""
+        ticket = _Ticket(max_slices, grant)
+        self._waiters.append(ticket)
+        return ticket
+
+    def withdraw(self, ticket: _Ticket) -> None:
+        """Leave the queue (the waiter was cancelled before being granted)."""
+        try:
+            self._waiters.remove(ticket)
+        except ValueError:
+            pass
+        self._serve()
+
+    def release(self, slices: Iterable[int]) -> None:
+        self._free.extend(slices)
+        self._serve()
+
+    def _serve(self) -> None:
+        while self._waiters and self._free:
+            ticket = self._waiters.popleft()
+            ticket.grant(self._take(ticket.max_slices))
+
+
+class SliceLease:
+    """Slices of one ``send_all`` batch and the kernel references to them.
+
+    ``hold()`` before each send that reads the slices; ``drop()`` when its
+    notification arrives (or when it completed without promising one);
+    ``seal()`` once no further send will use them.  The slices go back to the
+    arena when sealed and no reference is left, never earlier.
+    """
+
+    __slots__ = ("_on_release", "arena", "pending", "sealed", "slices")
+
+    def __init__(
+        self,
+        arena: RegisteredArena,
+        slices: list[int],
+        on_release: Callable[[SliceLease], None] | None = None,
+    ) -> None:
+        self.arena = arena
+        self.slices = slices
+        self.pending = 0
+        self.sealed = False
+        self._on_release = on_release
+
+    def hold(self) -> None:
+        self.pending += 1
+
+    def drop(self) -> None:
+        self.pending -= 1
+        if self.sealed and not self.pending:
+            self._release()
+
+    def seal(self) -> None:
+        if not self.sealed:
+            self.sealed = True
+            if not self.pending:
+                self._release()
+
+    @property
+    def released(self) -> bool:
+        return self.sealed and not self.pending
+
+    def _release(self) -> None:
+        self.arena.release(self.slices)
+        if self._on_release is not None:
+            self._on_release(self)
+
+
+class ProvidedEntry(NamedTuple):
+    """One provided-buffer entry, decoded."""
+
+    buf_index: int
+    offset: int
+    length: int
+    bid: int
+
+
+class ProvidedRing:
+    """A provided-buffer ring: the memory of ``struct io_uring_buf_ring``.
+
+    ``entries`` 16-byte ``struct io_uring_buf`` records in page-aligned
+    memory, the 16-bit tail overlaying ``resv`` of entry 0 and published with
+    a release store.  In ``fixed`` mode an entry's addr is the fixed-provided
+    encoding of (registered buffer index, offset); otherwise a plain pointer.
+
+    The kernel consumes entries itself only under the ``fixed-provided-bundle``
+    strategy; every other strategy consumes them here, in ring order, with
+    ``consume`` so that all strategies share one data path.
+    """
+
+    def __init__(self, entries: int, *, fixed: bool = True) -> None:
+        if entries < 1 or entries > _abi.MAX_BUF_RING_ENTRIES or entries & (entries - 1):
+            raise ValueError("ring entries must be a power of two between 1 and 32768")
+        self.entries = entries
+        self.mask = entries - 1
+        self.fixed = fixed
+        self.memory = mmap.mmap(-1, max(mmap.PAGESIZE, entries * 16))
+        self.bufs = ffi.cast("struct io_uring_buf *", ffi.from_buffer(self.memory))
+        self.address: int = int(ffi.cast("uintptr_t", self.bufs))
+        self.tail = 0
+        self.head = 0
+        self.bgid: int | None = None
+
+    @staticmethod
+    def entries_for(n_slices: int) -> int:
+        """The smallest valid ring size that can hold ``n_slices`` entries."""
+        return 1 << max(0, (n_slices - 1).bit_length())
+
+    @property
+    def published(self) -> int:
+        """Entries published and not yet consumed."""
+        return self.tail - self.head
+
+    def publish(self, arena: RegisteredArena, slices: list[int], lengths: list[int]) -> None:
+        """Write one entry per slice, then release-store the new tail."""
+        if self.published + len(slices) > self.entries:
+            raise RuntimeError("provided ring overflow: more slices published than it holds")
+        slice_size = arena.slice_size
+        self._put_all(
+            arena,
+            (
+                (slice_id * slice_size, length, slice_id)
+                for slice_id, length in zip(slices, lengths, strict=True)
+            ),
+        )
+
+    def republish(self, arena: RegisteredArena, entries: list[ProvidedEntry]) -> None:
+        """Publish ``entries`` again (the unsent rest of a partial bundle send)."""
+        self._put_all(arena, ((e.offset, e.length, e.bid) for e in entries))
+
+    def _put_all(self, arena: RegisteredArena, items: Iterable[tuple[int, int, int]]) -> None:
+        bufs, mask, tail = self.bufs, self.mask, self.tail
+        for offset, length, bid in items:
+            if self.fixed:
+                addr = encode_fixed_provided(arena.buf_index, offset)
+            else:
+                addr = arena.base + offset
+            lib.tu_buf_ring_put(bufs, mask, tail, addr, length, bid)
+            tail += 1
+        self.tail = tail
+        lib.tu_buf_ring_publish(bufs, tail & 0xFFFF)
+
+    def consume(self, arena: RegisteredArena) -> list[ProvidedEntry]:
+        """Take every published entry, in ring order."""
+        out = []
+        bufs, mask = self.bufs, self.mask
+        for i in range(self.head, self.tail):
+            buf = bufs[i & mask]
+            if self.fixed:
+                buf_index, offset = decode_fixed_provided(buf.addr)
+            else:
+                buf_index, offset = arena.buf_index, buf.addr - arena.base
+            out.append(ProvidedEntry(buf_index, offset, buf.len, buf.bid))
+        self.head = self.tail
+        return out
+
+    def advance(self, count: int) -> None:
+        """Record that the kernel consumed ``count`` entries itself."""
+        self.head += count
+
+    @property
+    def published_tail(self) -> int:
+        """The tail as the kernel sees it (read back from shared memory)."""
+        return lib.tu_buf_ring_tail(self.bufs)

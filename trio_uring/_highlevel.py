@@ -1,0 +1,140 @@
+"""Connecting, listening and serving, with trio's signatures and semantics."""
+
+from __future__ import annotations
+
+import errno
+import socket as _stdlib_socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from ._manager import IOManager, Multishot, current_manager
+from ._prep import prep_accept
+from ._stream import ZeroCopyStream
+
+#: accept() errors that concern only the connection being accepted; trio's
+#: SocketListener skips them the same way.
+_IGNORED_ACCEPT_ERRNOS = frozenset(
+    e
+    for e in (
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    )
+)
+
+
+def _close_fd(fd: int) -> None:
+    _stdlib_socket.close(fd)
+
+
+class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
+    """A listening socket whose ``accept`` goes through io_uring.
+
+    Uses one multishot ACCEPT where the kernel has it, so a busy listener
+    costs no syscall per connection; each accepted socket becomes a
+    ``ZeroCopyStream``.
+    """
+
+    def __init__(self, socket: trio.socket.SocketType) -> None:
+        if not isinstance(socket, trio.socket.SocketType):
+            raise TypeError("ZeroCopyListener needs a trio socket object")
+        if socket.type != _stdlib_socket.SOCK_STREAM:
+            raise ValueError("ZeroCopyListener needs a SOCK_STREAM socket")
+        try:
+            listening = socket.getsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_ACCEPTCONN)
+        except OSError:
+            listening = True
+        if not listening:
+            raise ValueError("ZeroCopyListener needs a listening socket; call listen() first")
+        self.socket = socket
+        self.manager: IOManager = current_manager()
+        self._multishot: Multishot | None = None
+        self._closed = False
+
+    async def accept(self) -> ZeroCopyStream:
+        """Wait for and return the next connection (a checkpoint)."""
+        manager = self.manager
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("this listener was closed")
+            if manager.ring is None:
+                sock, _ = await self.socket.accept()
+                return ZeroCopyStream(sock)
+            if self._multishot is None or (
+                self._multishot.finished and not self._multishot.results
+            ):
+                self._multishot = manager.start_multishot(
+                    prep_accept,
+                    self.socket.fileno(),
+                    _stdlib_socket.SOCK_CLOEXEC,
+                    manager.features.accept_multishot,
+                    ms=Multishot(discard=_close_fd),
+                )
+            res = await manager.next_result(self._multishot)
+            if res is None:
+                continue
+            if res < 0:
+                if self._closed:
+                    raise trio.ClosedResourceError("this listener was closed")
+                if -res in _IGNORED_ACCEPT_ERRNOS:
+                    continue
+                raise OSError(-res, errno.errorcode.get(-res, str(-res)))
+            sock = trio.socket.from_stdlib_socket(_stdlib_socket.socket(fileno=res))
+            return ZeroCopyStream(sock)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._multishot is not None:
+                self.manager.close_multishot(self._multishot)
+            self.socket.close()
+        await trio.lowlevel.checkpoint()
+
+
+async def open_tcp_stream(host: str | bytes, port: int, **kwargs: Any) -> ZeroCopyStream:
+    """Connect like ``trio.open_tcp_stream`` (happy eyeballs, DNS) and wrap."""
+    stream = await trio.open_tcp_stream(host, port, **kwargs)
+    return ZeroCopyStream(stream.socket)
+
+
+async def open_unix_stream(path: str | bytes) -> ZeroCopyStream:
+    """Connect to a Unix socket like ``trio.open_unix_socket`` and wrap."""
+    stream = await trio.open_unix_socket(path)
+    return ZeroCopyStream(stream.socket)
+
+
+async def open_tcp_listeners(
+    port: int, *, host: str | bytes | None = None, backlog: int | None = None
+) -> list[ZeroCopyListener]:
+    """Like ``trio.open_tcp_listeners``, returning ``ZeroCopyListener`` objects."""
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    return [ZeroCopyListener(listener.socket) for listener in listeners]
+
+
+async def serve_tcp(
+    handler: Callable[[ZeroCopyStream], Awaitable[object]],
+    port: int,
+    *,
+    host: str | bytes | None = None,
+    backlog: int | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[list[ZeroCopyListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Like ``trio.serve_tcp``: each connection's handler gets a ``ZeroCopyStream``.
+
+    Runs until cancelled.  ``task_status.started`` reports the listeners, so
+    ``await nursery.start(serve_tcp, handler, 0)`` learns the bound port.
+    """
+    listeners = await open_tcp_listeners(port, host=host, backlog=backlog)
+    await trio.serve_listeners(
+        handler, listeners, handler_nursery=handler_nursery, task_status=task_status
+    )

@@ -1,0 +1,505 @@
+"""The trio I/O manager: one io_uring per trio run.
+
+trio's own I/O manager is private and not pluggable, so this one lives beside
+it: a ``RunVar`` holds one ``IOManager`` per ``trio.run``, created lazily on
+first use (or explicitly by ``open_manager``).  A task waits on the ring's
+fd with ``trio.lowlevel.wait_readable`` and dispatches completions.
+
+Every operation is awaited through ``IOManager.submit``, which follows the
+model of trio's IOCP backend (``trio/_core/_io_windows.py``,
+``wait_overlapped``):
+
+* it is a full trio checkpoint, even when the kernel completed the request
+  inline during submission (that case never parks the task);
+* a cancelled wait submits ``IORING_OP_ASYNC_CANCEL`` and returns
+  ``Abort.FAILED``: the task resumes only when the request's own CQE arrives,
+  so memory the kernel may touch stays alive until the kernel lets go.  If the
+  request finished anyway (the race), its real result is returned and the
+  cancellation is delivered at the next checkpoint, so no data is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import warnings
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+
+from . import _abi
+from ._buffers import MemlockError, RegisteredArena, SliceLease
+from ._features import STRATEGIES, Features, features
+from ._prep import prep_cancel, prep_cancel_any, prep_cancel_fd
+from ._ring import Ring
+from ._shim_cffi import ffi
+
+DEFAULT_ENTRIES = 256
+DEFAULT_SLICE_SIZE = 64 * 1024
+#: 4 MiB: half of the common 8 MiB RLIMIT_MEMLOCK, leaving room for others.
+DEFAULT_ARENA_SIZE = 4 * 1024 * 1024
+#: How long shutdown waits for outstanding notifications before giving up.
+SHUTDOWN_TIMEOUT = 5.0
+
+_reschedule = trio.lowlevel.reschedule
+
+#: Arenas whose memory the kernel still referenced at shutdown.  Kept mapped
+#: until the process exits rather than handed back to the allocator.
+_abandoned: list[object] = []
+
+
+class Operation:
+    """A request awaited by one task: the first CQE carries its result."""
+
+    __slots__ = ("raise_cancel", "res", "task")
+
+    def __init__(self) -> None:
+        self.task: Any = None
+        self.res: int | None = None
+        self.raise_cancel: Callable[[], Any] | None = None
+
+    def complete(self, res: int, flags: int) -> bool:
+        self.res = res
+        if self.task is not None:
+            _reschedule(self.task)
+            self.task = None
+        return not flags & _abi.IORING_CQE_F_MORE
+
+
+class SendCounters:
+    """Counts of zero-copy sends and their notifications; see ``StreamStats``."""
+
+    __slots__ = ("bytes", "copied", "notifications", "parent", "sends")
+
+    def __init__(self, parent: SendCounters | None = None) -> None:
+        self.sends = 0
+        self.bytes = 0
+        self.notifications = 0
+        self.copied = 0
+        self.parent = parent
+
+    def sent(self, nbytes: int) -> None:
+        self.sends += 1
+        self.bytes += nbytes
+        if self.parent is not None:
+            self.parent.sent(nbytes)
+
+    def notified(self, copied: bool) -> None:
+        self.notifications += 1
+        self.copied += copied
+        if self.parent is not None:
+            self.parent.notified(copied)
+
+
+class ZeroCopySend(Operation):
+    """A SEND_ZC/SENDMSG_ZC: a result CQE, then maybe a notification CQE.
+
+    The slices stay held by ``lease`` until the notification arrives, or
+    until the result CQE says none will follow (no ``IORING_CQE_F_MORE``).
+    """
+
+    __slots__ = ("counters", "keepalive", "lease")
+
+    def __init__(self, lease: SliceLease, counters: SendCounters, keepalive: object = None):
+        super().__init__()
+        self.lease = lease
+        self.counters = counters
+        self.keepalive = keepalive
+        lease.hold()
+
+    def complete(self, res: int, flags: int) -> bool:
+        if flags & _abi.IORING_CQE_F_NOTIF:
+            self.counters.notified(bool(res & _abi.IORING_NOTIF_USAGE_ZC_COPIED))
+            self.lease.drop()
+            return True
+        more = Operation.complete(self, res, flags)
+        if more:
+            self.lease.drop()
+        return more
+
+
+class Multishot:
+    """A multishot request (accept): results are queued until taken.
+
+    ``discard`` is called on results that arrive after ``close`` (for
+    accept, the new fds, which must not leak).
+    """
+
+    __slots__ = ("closed", "discard", "finished", "results", "task", "user_data")
+
+    def __init__(self, discard: Callable[[int], None] | None = None) -> None:
+        self.results: deque[int] = deque()
+        self.finished = False
+        self.closed = False
+        self.task: Any = None
+        self.user_data = 0
+        self.discard = discard
+
+    def complete(self, res: int, flags: int) -> bool:
+        last = not flags & _abi.IORING_CQE_F_MORE
+        if last:
+            self.finished = True
+        if self.closed:
+            if res >= 0 and self.discard is not None:
+                self.discard(res)
+        else:
+            self.results.append(res)
+        if self.task is not None:
+            _reschedule(self.task)
+            self.task = None
+        return last
+
+
+class ManagerClosedError(trio.ClosedResourceError):
+    """The I/O manager of this run has shut down."""
+
+
+class IOManager:
+    """Owns the ring, the registered arena and the send strategy of one run.
+
+    Create one with ``open_manager`` to choose its sizes, or let the first
+    stream create a default one.  ``strategy`` forces a send strategy (for
+    tests and benchmarks); by default the best one ``features()`` found.
+    """
+
+    def __init__(
+        self,
+        *,
+        entries: int = DEFAULT_ENTRIES,
+        arena_size: int = DEFAULT_ARENA_SIZE,
+        slice_size: int = DEFAULT_SLICE_SIZE,
+        strategy: str | None = None,
+        setup_flags: int | None = None,
+    ) -> None:
+        self.features: Features = features()
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+        self.arena = RegisteredArena(arena_size, slice_size)
+        self.ring: Ring | None = None
+        if self.features.io_uring and strategy != "socket":
+            flags = self.features.setup_flags if setup_flags is None else setup_flags
+            self.ring = Ring(entries, flags=flags)
+            try:
+                self._register_arena()
+            except BaseException:
+                self.ring.close()
+                raise
+        self.strategy = strategy if strategy is not None else self.features.strategy
+        self._check_strategy()
+        self.counters = SendCounters()
+        self.closed = False
+        self._free_bgids = deque(range(1, 1 << 16))
+        self._registered_bgids: set[int] = set()
+        self._cancel_scope: trio.CancelScope | None = None
+
+    def _check_strategy(self) -> None:
+        f = self.features
+        needs = {
+            "fixed-provided-bundle": (f.fixed_provided_send_zc, f.fixed_provided_detail),
+            "vectored-fixed": (f.sendmsg_zc_fixed_vectored, "SENDMSG_ZC with fixed buffers"),
+            "fixed-single": (f.send_zc_fixed, "SEND_ZC with fixed buffers"),
+            "copy": (f.io_uring, "io_uring"),
+            "socket": (True, ""),
+        }
+        ok, what = needs[self.strategy]
+        if not ok or (self.strategy != "socket" and self.ring is None):
+            reason = f.unavailable_reason or f"this kernel lacks {what}"
+            raise ValueError(f"send strategy {self.strategy!r} cannot run here: {reason}")
+
+    def _register_arena(self) -> None:
+        assert self.ring is not None
+        arena = self.arena
+        iov = ffi.new("struct tu_iovec *", {"iov_base": arena.cdata, "iov_len": arena.size})
+        rc = self.ring.register(_abi.IORING_REGISTER_BUFFERS, iov, 1)
+        if rc == 0:
+            return
+        err = -rc
+        if err in (errno.ENOMEM, errno.EPERM, errno.EFAULT):
+            import resource
+
+            soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+            limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
+            raise MemlockError(
+                err,
+                f"registering the {arena.size // 1024} KiB send arena failed "
+                f"({errno.errorcode.get(err, err)}): RLIMIT_MEMLOCK is {limit}. Raise the "
+                "limit (ulimit -l, LimitMEMLOCK= in a systemd unit, --ulimit memlock for "
+                "containers) or pass a smaller arena_size to trio_uring.open_manager()",
+            )
+        raise OSError(err, f"registering the send arena failed: {errno.errorcode.get(err, err)}")
+
+    # -- the one primitive -------------------------------------------------
+
+    def _require_ring(self) -> Ring:
+        if self.closed:
+            raise ManagerClosedError("the trio_uring I/O manager for this run has shut down")
+        assert self.ring is not None, "io_uring operation under the socket strategy"
+        return self.ring
+
+    async def submit(
+        self, prep: Callable[..., int], *args: Any, op: Operation | None = None
+    ) -> int:
+        """Prepare one request with ``prep(ring, op, *args)``, submit it and
+        return its result (``res`` of its CQE: a count, or ``-errno``).
+
+        A checkpoint.  On cancellation the request is cancelled in the kernel
+        and this returns only once the kernel is done with it; if it
+        completed anyway its result is returned (and the cancellation comes
+        at the next checkpoint), else ``Cancelled`` is raised.
+        """
+        ring = self._require_ring()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if op is None:
+            op = Operation()
+        user_data = prep(ring, op, *args)
+        try:
+            ring.submit()
+        except BaseException:
+            ring.table.pop(user_data, None)
+            raise
+        if ring.cq_ready:
+            ring.reap(run_task_work=False)
+        if op.res is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return op.res
+        op.task = trio.lowlevel.current_task()
+
+        def abort(raise_cancel: Callable[[], Any]) -> trio.lowlevel.Abort:
+            op.raise_cancel = raise_cancel
+            if not ring.closed:
+                prep_cancel(ring, user_data)
+                ring.submit()
+            return trio.lowlevel.Abort.FAILED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        res = op.res
+        assert res is not None
+        if res == -errno.ECANCELED and op.raise_cancel is not None:
+            op.raise_cancel()
+        return res
+
+    def start_multishot(self, prep: Callable[..., int], *args: Any, ms: Multishot) -> Multishot:
+        ring = self._require_ring()
+        ms.user_data = prep(ring, ms, *args)
+        ring.submit()
+        return ms
+
+    async def next_result(self, ms: Multishot) -> int | None:
+        """The next result of ``ms``; None once the request has ended.
+
+        A checkpoint.  Cancelling the wait leaves the request running: its
+        results stay queued for the next call.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not ms.results and not ms.finished:
+            ring = self._require_ring()
+            if ring.cq_ready:
+                ring.reap()
+        if ms.results or ms.finished:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            ms.task = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                ms.task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return ms.results.popleft() if ms.results else None
+
+    def close_multishot(self, ms: Multishot) -> None:
+        """Stop ``ms``; results queued or still to come go to ``ms.discard``."""
+        ms.closed = True
+        while ms.results:
+            res = ms.results.popleft()
+            if res >= 0 and ms.discard is not None:
+                ms.discard(res)
+        if not ms.finished and self.ring is not None and not self.ring.closed:
+            prep_cancel(self.ring, ms.user_data)
+            self.ring.submit()
+
+    def cancel_fd(self, fd: int) -> None:
+        """Cancel every request on ``fd`` (used by ``aclose``); no wait."""
+        if self.ring is not None and not self.ring.closed and not self.closed:
+            prep_cancel_fd(self.ring, fd)
+            self.ring.submit()
+
+    # -- provided-buffer groups ---------------------------------------------
+
+    def register_buf_ring(self, address: int, entries: int) -> int:
+        """Register a provided-buffer ring; return its new buffer group id."""
+        ring = self._require_ring()
+        if not self._free_bgids:
+            raise RuntimeError("all 65535 provided-buffer groups are in use; close some streams")
+        bgid = self._free_bgids.popleft()
+        reg = ffi.new(
+            "struct io_uring_buf_reg *",
+            {"ring_addr": address, "ring_entries": entries, "bgid": bgid},
+        )
+        rc = ring.register(_abi.IORING_REGISTER_PBUF_RING, reg, 1)
+        if rc < 0:
+            self._free_bgids.appendleft(bgid)
+            raise OSError(-rc, f"registering a provided-buffer ring failed: errno {-rc}")
+        self._registered_bgids.add(bgid)
+        return bgid
+
+    def unregister_buf_ring(self, bgid: int) -> None:
+        if bgid not in self._registered_bgids:
+            return
+        self._registered_bgids.discard(bgid)
+        if self.ring is not None and not self.ring.closed:
+            reg = ffi.new("struct io_uring_buf_reg *", {"bgid": bgid})
+            self.ring.register(_abi.IORING_UNREGISTER_PBUF_RING, reg, 1)
+        self._free_bgids.append(bgid)
+
+    # -- arena --------------------------------------------------------------
+
+    async def acquire_slices(self, max_slices: int) -> list[int]:
+        """Up to ``max_slices`` free slices, waiting (FIFO) while none are free.
+
+        Waiting is the backpressure of zero-copy sending: slices come back
+        only as the kernel's notifications arrive.
+        """
+        slices = self.arena.acquire(max_slices)
+        if slices:
+            return slices
+        task = trio.lowlevel.current_task()
+        granted: list[int] = []
+
+        def grant(s: list[int]) -> None:
+            granted.extend(s)
+            _reschedule(task)
+
+        ticket = self.arena.request(max_slices, grant)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.arena.withdraw(ticket)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        return granted
+
+    # -- lifetime -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Dispatch completions until cancelled, then shut down."""
+        try:
+            if self.ring is None:
+                await trio.sleep_forever()
+            ring = self.ring
+            while True:
+                await trio.lowlevel.wait_readable(ring.wait_fd)
+                ring.reap()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Cancel what is in flight, wait for every CQE and notification,
+        undo registrations and close the ring.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        ring = self.ring
+        if ring is None:
+            return
+        if ring.table:
+            prep_cancel_any(ring)
+            ring.submit()
+            ring.reap()
+        with trio.move_on_after(timeout):
+            while ring.table:
+                await trio.lowlevel.wait_readable(ring.wait_fd)
+                ring.reap()
+        leftover = len(ring.table)
+        for bgid in list(self._registered_bgids):
+            self.unregister_buf_ring(bgid)
+        if leftover:
+            _abandoned.append(self.arena)
+            warnings.warn(
+                f"trio_uring: {leftover} requests still held kernel references after "
+                f"{timeout:.0f} s at shutdown; their memory stays mapped until exit",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+        else:
+            ring.register(_abi.IORING_UNREGISTER_BUFFERS, ffi.NULL, 0)
+        trio.lowlevel.notify_closing(ring.wait_fd)
+        ring.close()
+
+    def stats(self) -> dict[str, object]:
+        """Ring-wide counters: strategy, sends, notifications, enter calls."""
+        c = self.counters
+        return {
+            "strategy": self.strategy,
+            "sends": c.sends,
+            "bytes": c.bytes,
+            "notifications": c.notifications,
+            "notifications_copied": c.copied,
+            "notifications_zerocopy": c.notifications - c.copied,
+            "io_uring_enter_calls": self.ring.enter_calls if self.ring else 0,
+            "in_flight": len(self.ring.table) if self.ring else 0,
+            "arena_free_slices": self.arena.free_count,
+            "arena_slices": self.arena.n_slices,
+        }
+
+
+_MANAGER: trio.lowlevel.RunVar[IOManager] = trio.lowlevel.RunVar("trio_uring.manager")
+
+
+def current_manager() -> IOManager:
+    """The I/O manager of the current trio run, created on first use."""
+    try:
+        manager = _MANAGER.get()
+    except LookupError:
+        manager = IOManager()
+        _MANAGER.set(manager)
+        trio.lowlevel.spawn_system_task(manager.run, name="trio_uring completions")
+    if manager.closed:
+        raise ManagerClosedError("the trio_uring I/O manager for this run has shut down")
+    return manager
+
+
+@contextlib.asynccontextmanager
+async def open_manager(
+    *,
+    entries: int = DEFAULT_ENTRIES,
+    arena_size: int = DEFAULT_ARENA_SIZE,
+    slice_size: int = DEFAULT_SLICE_SIZE,
+    strategy: str | None = None,
+    setup_flags: int | None = None,
+) -> AsyncIterator[IOManager]:
+    """Run a configured I/O manager for the enclosed block.
+
+    Streams created inside use it.  On exit, in-flight requests are
+    cancelled, outstanding notifications awaited and the ring closed.  Only
+    one manager serves a run at a time: open it before creating streams.
+    """
+    try:
+        _MANAGER.get()
+    except LookupError:
+        pass
+    else:
+        raise RuntimeError(
+            "this trio run already has a trio_uring I/O manager; open_manager() must come "
+            "before any stream is created, and cannot be nested"
+        )
+    manager = IOManager(
+        entries=entries,
+        arena_size=arena_size,
+        slice_size=slice_size,
+        strategy=strategy,
+        setup_flags=setup_flags,
+    )
+    token = _MANAGER.set(manager)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(manager.run, name="trio_uring completions")
+            try:
+                yield manager
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        _MANAGER.reset(token)

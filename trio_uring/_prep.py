@@ -1,0 +1,152 @@
+"""One small function per io_uring operation, as liburing has.
+
+Each registers ``entry`` in the ring's waiter table, fills one SQE with the
+fields that operation uses and returns the SQE's ``user_data``.  No policy
+lives here: which flags to pass is the caller's decision.
+"""
+
+from __future__ import annotations
+
+from . import _abi
+from ._ring import Completion, Ring
+
+
+def prep_nop(ring: Ring, entry: Completion) -> int:
+    return ring.start(entry, _abi.IORING_OP_NOP, -1)
+
+
+def prep_send(
+    ring: Ring, entry: Completion, fd: int, addr: int, length: int, msg_flags: int
+) -> int:
+    return ring.start(entry, _abi.IORING_OP_SEND, fd, addr=addr, length=length, op_flags=msg_flags)
+
+
+def prep_recv(
+    ring: Ring,
+    entry: Completion,
+    fd: int,
+    addr: int,
+    length: int,
+    msg_flags: int = 0,
+    *,
+    ioprio: int = 0,
+    sqe_flags: int = 0,
+    buf_group: int = 0,
+) -> int:
+    return ring.start(
+        entry,
+        _abi.IORING_OP_RECV,
+        fd,
+        addr=addr,
+        length=length,
+        op_flags=msg_flags,
+        ioprio=ioprio,
+        sqe_flags=sqe_flags,
+        buf_index=buf_group,
+    )
+
+
+def prep_send_zc(
+    ring: Ring,
+    entry: Completion,
+    fd: int,
+    addr: int,
+    length: int,
+    msg_flags: int,
+    zc_flags: int = 0,
+    buf_index: int = 0,
+    sqe_flags: int = 0,
+) -> int:
+    """SEND_ZC; ``zc_flags`` are IORING_RECVSEND_* / IORING_SEND_ZC_* bits.
+
+    With ``IOSQE_BUFFER_SELECT`` in ``sqe_flags``, ``buf_index`` is the
+    buffer group to pick from (the SQE field is a union).
+    """
+    return ring.start(
+        entry,
+        _abi.IORING_OP_SEND_ZC,
+        fd,
+        addr=addr,
+        length=length,
+        op_flags=msg_flags,
+        ioprio=zc_flags,
+        buf_index=buf_index,
+        sqe_flags=sqe_flags,
+    )
+
+
+def prep_sendmsg(ring: Ring, entry: Completion, fd: int, msghdr: int, msg_flags: int) -> int:
+    return ring.start(entry, _abi.IORING_OP_SENDMSG, fd, addr=msghdr, length=1, op_flags=msg_flags)
+
+
+def prep_sendmsg_zc(
+    ring: Ring,
+    entry: Completion,
+    fd: int,
+    msghdr: int,
+    msg_flags: int,
+    zc_flags: int = 0,
+    buf_index: int = 0,
+) -> int:
+    return ring.start(
+        entry,
+        _abi.IORING_OP_SENDMSG_ZC,
+        fd,
+        addr=msghdr,
+        length=1,
+        op_flags=msg_flags,
+        ioprio=zc_flags,
+        buf_index=buf_index,
+    )
+
+
+def prep_accept(
+    ring: Ring, entry: Completion, fd: int, accept_flags: int, multishot: bool = False
+) -> int:
+    ioprio = _abi.IORING_ACCEPT_MULTISHOT if multishot else 0
+    return ring.start(entry, _abi.IORING_OP_ACCEPT, fd, op_flags=accept_flags, ioprio=ioprio)
+
+
+def prep_connect(ring: Ring, entry: Completion, fd: int, sockaddr: int, addrlen: int) -> int:
+    return ring.start(entry, _abi.IORING_OP_CONNECT, fd, addr=sockaddr, off=addrlen)
+
+
+def prep_poll_add(ring: Ring, entry: Completion, fd: int, poll_mask: int) -> int:
+    return ring.start(entry, _abi.IORING_OP_POLL_ADD, fd, op_flags=poll_mask)
+
+
+def prep_read_fixed(
+    ring: Ring, entry: Completion, fd: int, addr: int, length: int, offset: int, buf_index: int
+) -> int:
+    return ring.start(
+        entry,
+        _abi.IORING_OP_READ_FIXED,
+        fd,
+        addr=addr,
+        length=length,
+        off=offset,
+        buf_index=buf_index,
+    )
+
+
+def prep_close(ring: Ring, entry: Completion, fd: int) -> int:
+    return ring.start(entry, _abi.IORING_OP_CLOSE, fd)
+
+
+def prep_cancel(ring: Ring, target_user_data: int, cancel_flags: int = 0) -> None:
+    """ASYNC_CANCEL of one request; its own CQE is ignored."""
+    ring.push(_abi.IORING_OP_ASYNC_CANCEL, -1, addr=target_user_data, op_flags=cancel_flags)
+
+
+def prep_cancel_fd(ring: Ring, fd: int) -> None:
+    """ASYNC_CANCEL of every request on ``fd``; its own CQE is ignored."""
+    ring.push(
+        _abi.IORING_OP_ASYNC_CANCEL,
+        fd,
+        op_flags=_abi.IORING_ASYNC_CANCEL_FD | _abi.IORING_ASYNC_CANCEL_ALL,
+    )
+
+
+def prep_cancel_any(ring: Ring) -> None:
+    """ASYNC_CANCEL of every request in the ring (shutdown)."""
+    ring.push(_abi.IORING_OP_ASYNC_CANCEL, -1, op_flags=_abi.IORING_ASYNC_CANCEL_ANY)

@@ -1,0 +1,207 @@
+"""Send strategies: how published slices reach the kernel.
+
+``send_all`` copies the caller's bytes into registered slices and publishes
+them as entries of the stream's ``ProvidedRing``.  A strategy then sends
+those entries in ring order and returns once the kernel accepted every byte.
+Slices stay held by the batch's ``SliceLease`` until each send that read them
+has delivered its notification.
+
+==========================  =====================================================
+``fixed-provided-bundle``   SEND_ZC + IOSQE_BUFFER_SELECT + FIXED_BUF|BUNDLE: the
+                            kernel picks the published entries itself (kernels
+                            with the provided-registered-buffers patchset)
+``vectored-fixed``          SENDMSG_ZC + FIXED_BUF, one iovec per entry (6.15+)
+``fixed-single``            one SEND_ZC + FIXED_BUF per entry (6.0+)
+``copy``                    SENDMSG of the entries, the kernel copies them
+``socket``                  trio socket sends: no io_uring at all
+==========================  =====================================================
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _stdlib_socket
+from typing import TYPE_CHECKING, Protocol
+
+from . import _abi
+from ._buffers import ProvidedEntry, SliceLease
+from ._manager import ZeroCopySend
+from ._prep import prep_send_zc, prep_sendmsg, prep_sendmsg_zc
+from ._ring import Completion, Ring
+
+if TYPE_CHECKING:
+    from ._stream import ZeroCopyStream
+
+#: Every send asks the kernel to finish the whole length (no short sends on
+#: stream sockets except on error) and never to raise SIGPIPE.
+SEND_MSG_FLAGS = _stdlib_socket.MSG_WAITALL | _stdlib_socket.MSG_NOSIGNAL
+
+ZC_FIXED_FLAGS = _abi.IORING_RECVSEND_FIXED_BUF | _abi.IORING_SEND_ZC_REPORT_USAGE
+
+
+def _check(res: int) -> int:
+    if res < 0:
+        raise OSError(-res, os.strerror(-res))
+    return res
+
+
+def remaining_after(entries: list[ProvidedEntry], sent: int) -> list[ProvidedEntry]:
+    """The part of ``entries`` not covered by the first ``sent`` bytes."""
+    out = []
+    for e in entries:
+        if sent >= e.length:
+            sent -= e.length
+            continue
+        out.append(e._replace(offset=e.offset + sent, length=e.length - sent))
+        sent = 0
+    return out
+
+
+class SendStrategy(Protocol):
+    name: str
+    zero_copy: bool
+
+    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
+        """Send everything published on ``stream``'s ring."""
+
+
+class VectoredFixed:
+    """SENDMSG_ZC with ``IORING_RECVSEND_FIXED_BUF``: one SQE per batch.
+
+    Every iovec lies inside the arena, which is one registered buffer, so the
+    kernel skips page pinning; each short send (rare: MSG_WAITALL) is resent
+    from where it stopped as a new request with its own notification.
+    """
+
+    name = "vectored-fixed"
+    zero_copy = True
+
+    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
+        arena = stream.manager.arena
+        entries = stream.provided_ring.consume(arena)
+        while entries:
+            msg = stream.fill_msghdr(entries)
+            op = ZeroCopySend(lease, stream.counters, stream.msghdr)
+            res = _check(
+                await stream.manager.submit(
+                    prep_sendmsg_zc,
+                    stream.fd,
+                    msg,
+                    SEND_MSG_FLAGS,
+                    ZC_FIXED_FLAGS,
+                    arena.buf_index,
+                    op=op,
+                )
+            )
+            stream.counters.sent(res)
+            entries = remaining_after(entries, res)
+
+
+class FixedSingle:
+    """One SEND_ZC with ``IORING_RECVSEND_FIXED_BUF`` per entry, in order."""
+
+    name = "fixed-single"
+    zero_copy = True
+
+    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
+        arena = stream.manager.arena
+        for entry in stream.provided_ring.consume(arena):
+            offset, length = entry.offset, entry.length
+            while length:
+                op = ZeroCopySend(lease, stream.counters)
+                res = _check(
+                    await stream.manager.submit(
+                        prep_send_zc,
+                        stream.fd,
+                        arena.base + offset,
+                        length,
+                        SEND_MSG_FLAGS,
+                        ZC_FIXED_FLAGS,
+                        entry.buf_index,
+                        op=op,
+                    )
+                )
+                stream.counters.sent(res)
+                offset += res
+                length -= res
+
+
+class Copy:
+    """SENDMSG of the published entries: the kernel copies, no notification.
+
+    Used where zero copy cannot work (AF_UNIX) or is not available.
+    """
+
+    name = "copy"
+    zero_copy = False
+
+    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
+        entries = stream.provided_ring.consume(stream.manager.arena)
+        while entries:
+            msg = stream.fill_msghdr(entries)
+            res = _check(await stream.manager.submit(prep_sendmsg, stream.fd, msg, SEND_MSG_FLAGS))
+            stream.counters.sent(res)
+            entries = remaining_after(entries, res)
+
+
+class SocketSend:
+    """No io_uring: trio's own socket sends of the published slices."""
+
+    name = "socket"
+    zero_copy = False
+
+    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
+        view = stream.manager.arena.view
+        for entry in stream.provided_ring.consume(stream.manager.arena):
+            start, end = entry.offset, entry.offset + entry.length
+            while start < end:
+                res = await stream.socket.send(view[start:end])
+                stream.counters.sent(res)
+                start += res
+
+
+class FixedProvidedBundle:
+    """SEND_ZC that picks the stream's published fixed-provided entries itself.
+
+    ``IOSQE_BUFFER_SELECT`` with ``IORING_RECVSEND_FIXED_BUF |
+    IORING_RECVSEND_BUNDLE`` on the stream's buffer group: one SQE, no iovec,
+    and the kernel resolves each entry's (buffer index, offset).  The kernel
+    consumes every entry it touched, including one it sent only in part; the
+    unsent rest of such an entry is published again.
+    """
+
+    name = "fixed-provided-bundle"
+    zero_copy = True
+
+    @staticmethod
+    def prep(ring: Ring, op: Completion, fd: int, bgid: int) -> int:
+        return prep_send_zc(
+            ring,
+            op,
+            fd,
+            0,
+            0,
+            SEND_MSG_FLAGS,
+            ZC_FIXED_FLAGS | _abi.IORING_RECVSEND_BUNDLE,
+            bgid,
+            _abi.IOSQE_BUFFER_SELECT,
+        )
+
+    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
+        pring = stream.provided_ring
+        arena = stream.manager.arena
+        # The kernel consumes the entries; consume() keeps our head in step.
+        entries = pring.consume(arena)
+        while entries:
+            op = ZeroCopySend(lease, stream.counters)
+            res = _check(await stream.manager.submit(self.prep, stream.fd, stream.bgid, op=op))
+            stream.counters.sent(res)
+            entries = remaining_after(entries, res)
+            if entries:
+                pring.republish(arena, entries)
+                pring.consume(arena)
+
+
+STRATEGY_IMPLS: dict[str, SendStrategy] = {
+    s.name: s for s in (FixedProvidedBundle(), VectoredFixed(), FixedSingle(), Copy(), SocketSend())
+}

@@ -1,0 +1,324 @@
+"""ZeroCopyStream: a ``trio.abc.HalfCloseableStream`` over io_uring."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+import socket as _stdlib_socket
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+
+from . import _abi
+from ._buffers import ProvidedEntry, ProvidedRing, SliceLease
+from ._manager import IOManager, SendCounters, current_manager
+from ._prep import prep_poll_add, prep_recv
+from ._send import STRATEGY_IMPLS, SendStrategy
+from ._shim_cffi import ffi
+from ._util import ConflictDetector
+
+#: As trio's SocketStream: the receive size when ``max_bytes`` is omitted.
+DEFAULT_RECEIVE_SIZE = 65536
+#: The most one receive asks the kernel for; ``receive_some`` may always
+#: return less than ``max_bytes``, so larger requests are capped, not refused.
+MAX_RECEIVE_SIZE = 4 * 1024 * 1024
+
+_ZERO_COPY_FAMILIES = (_stdlib_socket.AF_INET, _stdlib_socket.AF_INET6)
+_STREAM_FAMILIES = (*_ZERO_COPY_FAMILIES, _stdlib_socket.AF_UNIX)
+_POLLOUT = 0x004
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStats:
+    """What one stream has sent, and what the kernel said about it.
+
+    ``notifications_copied`` counts send-zc notifications that carried
+    ``IORING_NOTIF_USAGE_ZC_COPIED``: the kernel copied after all (loopback,
+    veth, NICs without scatter-gather).  ``notifications_zerocopy`` counts
+    the real zero-copy ones.
+    """
+
+    strategy: str
+    sends: int
+    bytes_sent: int
+    notifications: int
+    notifications_copied: int
+    notifications_zerocopy: int
+
+
+@contextlib.contextmanager
+def _translate_errors(stream: ZeroCopyStream, what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ECANCELED or stream._closed:
+            raise trio.ClosedResourceError("the stream was closed while " + what) from exc
+        raise trio.BrokenResourceError(f"{what} failed: {exc.strerror or exc}") from exc
+
+
+def _byte_view(data: object) -> memoryview:
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"send_all() needs a bytes-like object (bytes, bytearray, memoryview), "
+            f"not {type(data).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise ValueError(
+            "send_all() needs a contiguous buffer; pass bytes(view) or a "
+            "contiguous copy of this strided memoryview"
+        )
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class ZeroCopyStream(trio.abc.HalfCloseableStream):
+    """A TCP or Unix stream whose sends go through registered memory.
+
+    ``send_all`` copies the data into registered slices of the run's arena,
+    publishes them as provided-buffer entries and sends them with the best
+    strategy the kernel supports (see ``trio_uring.features()``).  It returns
+    as soon as the kernel has accepted every byte; the slices come back to
+    the arena when the kernel's zero-copy notifications say it no longer
+    reads them, so the caller's buffer is free at once, as with any trio
+    stream.
+
+    Semantics follow ``trio.SocketStream``: one task sends and one receives
+    at a time (``trio.BusyResourceError`` otherwise); after ``aclose``,
+    ``trio.ClosedResourceError``; network errors raise
+    ``trio.BrokenResourceError`` with the ``OSError`` as ``__cause__``.
+
+    Cancelling ``send_all`` leaves the stream *broken*: some prefix of the
+    data may have been sent, so every later ``send_all`` raises
+    ``BrokenResourceError``.  Receiving still works, and the slices the
+    cancelled send used return to the arena once their notifications arrive.
+    """
+
+    def __init__(self, socket: trio.socket.SocketType) -> None:
+        if not isinstance(socket, trio.socket.SocketType):
+            raise TypeError(
+                "ZeroCopyStream needs a connected trio socket; wrap a standard socket with "
+                f"trio.socket.from_stdlib_socket(), got {type(socket).__name__}"
+            )
+        if socket.fileno() < 0:
+            raise ValueError("ZeroCopyStream needs an open socket; this one is closed")
+        if socket.type != _stdlib_socket.SOCK_STREAM:
+            raise ValueError(
+                f"ZeroCopyStream needs a SOCK_STREAM socket, got {socket.type!r}; "
+                "datagram sockets (UDP) have no byte stream to send into"
+            )
+        if socket.family not in _STREAM_FAMILIES:
+            raise ValueError(
+                f"ZeroCopyStream supports AF_INET, AF_INET6 and AF_UNIX, not {socket.family!r}"
+            )
+        self.socket = socket
+        self.fd: int = socket.fileno()
+        self.manager: IOManager = current_manager()
+        if socket.family in _ZERO_COPY_FAMILIES:
+            with contextlib.suppress(OSError):
+                socket.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, True)
+        self.strategy: SendStrategy = STRATEGY_IMPLS[self._choose_strategy()]
+        arena = self.manager.arena
+        self._max_batch = max(1, min(arena.n_slices // 2, _abi.UIO_MAXIOV))
+        self.provided_ring = ProvidedRing(
+            ProvidedRing.entries_for(arena.n_slices),
+            fixed=self.strategy.zero_copy,
+        )
+        self.bgid: int | None = None
+        if self.manager.ring is not None:
+            self.bgid = self.manager.register_buf_ring(
+                self.provided_ring.address, self.provided_ring.entries
+            )
+        self.counters = SendCounters(self.manager.counters)
+        self._iov = ffi.new("uint64_t[]", 2 * self._max_batch)
+        self.msghdr = ffi.new("struct tu_msghdr *")
+        self.msghdr.msg_iov = ffi.cast("struct tu_iovec *", self._iov)
+        self._msghdr_address = int(ffi.cast("uintptr_t", self.msghdr))
+        self._recv_buffer = ffi.new("char[]", 0)
+        self._closed = False
+        self._eof_sent = False
+        self._send_broken: BaseException | None = None
+        self._send_conflict = ConflictDetector(
+            "another task is currently sending data on this ZeroCopyStream"
+        )
+        self._receive_conflict = ConflictDetector(
+            "another task is currently receiving data on this ZeroCopyStream"
+        )
+
+    @classmethod
+    def from_socket(cls, sock: trio.socket.SocketType) -> ZeroCopyStream:
+        """Wrap any connected trio TCP or ``AF_UNIX`` stream socket."""
+        return cls(sock)
+
+    def _choose_strategy(self) -> str:
+        name = self.manager.strategy
+        if STRATEGY_IMPLS[name].zero_copy and self.socket.family not in _ZERO_COPY_FAMILIES:
+            # The kernel supports zero copy only for inet sockets.
+            return "copy"
+        return name
+
+    # -- used by the strategies ---------------------------------------------
+
+    def fill_msghdr(self, entries: list[ProvidedEntry]) -> int:
+        """Point the stream's msghdr at ``entries``; return its address."""
+        words, base, j = self._iov, self.manager.arena.base, 0
+        for e in entries:
+            words[j] = base + e.offset
+            words[j + 1] = e.length
+            j += 2
+        self.msghdr.msg_iovlen = len(entries)
+        return self._msghdr_address
+
+    # -- sending --------------------------------------------------------------
+
+    def _check_can_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this ZeroCopyStream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        if self._send_broken is not None:
+            raise trio.BrokenResourceError(
+                "an earlier send_all on this stream failed or was cancelled part way; "
+                "the peer may have received a prefix of that data, so the stream is broken"
+            ) from self._send_broken
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``; return when the kernel has accepted it.
+
+        Waits while the arena has no free slice (backpressure): slices are
+        freed by the kernel's notifications of earlier sends.
+        """
+        with self._send_conflict:
+            view = _byte_view(data)
+            self._check_can_send()
+            if not view.nbytes:
+                await trio.lowlevel.checkpoint()
+                return
+            try:
+                with _translate_errors(self, "sending"):
+                    await self._send_view(view)
+            except BaseException as exc:
+                if self._send_broken is None:
+                    self._send_broken = exc
+                raise
+
+    async def _send_view(self, view: memoryview) -> None:
+        manager = self.manager
+        arena = manager.arena
+        slice_size = arena.slice_size
+        arena_view = arena.view
+        total = view.nbytes
+        pos = 0
+        while pos < total:
+            wanted = min(-(-(total - pos) // slice_size), self._max_batch)
+            slices = await manager.acquire_slices(wanted)
+            lease = SliceLease(arena, slices)
+            try:
+                lengths = []
+                for slice_id in slices:
+                    n = min(slice_size, total - pos)
+                    offset = slice_id * slice_size
+                    arena_view[offset : offset + n] = view[pos : pos + n]
+                    lengths.append(n)
+                    pos += n
+                self.provided_ring.publish(arena, slices, lengths)
+                await self.strategy.send(self, lease)
+            finally:
+                lease.seal()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the socket has room (a checkpoint)."""
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("this ZeroCopyStream was closed")
+            if self.manager.ring is None:
+                await self.socket.wait_writable()
+                return
+            res = await self.manager.submit(prep_poll_add, self.fd, _POLLOUT)
+            if res < 0 and self._closed:
+                raise trio.ClosedResourceError("the stream was closed while waiting")
+
+    async def send_eof(self) -> None:
+        """Shut down the sending side (``shutdown(SHUT_WR)``); idempotent."""
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint()
+            if self._closed:
+                raise trio.ClosedResourceError("this ZeroCopyStream was closed")
+            if self._eof_sent:
+                return
+            self._eof_sent = True
+            with _translate_errors(self, "sending EOF"):
+                self.socket.shutdown(_stdlib_socket.SHUT_WR)
+
+    # -- receiving --------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Receive up to ``max_bytes`` bytes; ``b""`` at end of stream."""
+        with self._receive_conflict:
+            if max_bytes is None:
+                max_bytes = DEFAULT_RECEIVE_SIZE
+            else:
+                try:
+                    max_bytes = int(max_bytes.__index__())
+                except AttributeError:
+                    raise TypeError(
+                        f"max_bytes must be an int, not {type(max_bytes).__name__}"
+                    ) from None
+                if max_bytes < 1:
+                    raise ValueError("max_bytes must be >= 1")
+            if self._closed:
+                raise trio.ClosedResourceError("this ZeroCopyStream was closed")
+            size = min(max_bytes, MAX_RECEIVE_SIZE)
+            with _translate_errors(self, "receiving"):
+                if self.manager.ring is None:
+                    return await self.socket.recv(size)
+                if len(self._recv_buffer) < size:
+                    self._recv_buffer = ffi.new("char[]", size)
+                buf = self._recv_buffer
+                res = await self.manager.submit(
+                    prep_recv, self.fd, int(ffi.cast("uintptr_t", buf)), size
+                )
+                if res < 0:
+                    raise OSError(-res, os.strerror(-res))
+                return ffi.buffer(buf, res)[:]
+
+    # -- lifetime ---------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the stream; requests in flight end with ClosedResourceError.
+
+        Slices of sends still awaiting notifications are returned to the
+        arena when those arrive, after the socket is gone.
+        """
+        if not self._closed:
+            self._closed = True
+            self.manager.cancel_fd(self.fd)
+            if self.bgid is not None:
+                self.manager.unregister_buf_ring(self.bgid)
+                self.bgid = None
+            self.socket.close()
+        await trio.lowlevel.checkpoint()
+
+    def stats(self) -> StreamStats:
+        c = self.counters
+        return StreamStats(
+            strategy=self.strategy.name,
+            sends=c.sends,
+            bytes_sent=c.bytes,
+            notifications=c.notifications,
+            notifications_copied=c.copied,
+            notifications_zerocopy=c.notifications - c.copied,
+        )
+
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        """Set an option on the underlying socket (as ``trio.SocketStream``)."""
+        self.socket.setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> Any:
+        """Read an option of the underlying socket (as ``trio.SocketStream``)."""
+        if buffersize == 0:
+            return self.socket.getsockopt(level, option)
+        return self.socket.getsockopt(level, option, buffersize)
