@@ -128,7 +128,10 @@ def _disabled_sysctl() -> str | None:
 def _unavailable_reason(err: int) -> str:
     sysctl = _disabled_sysctl()
     if err == errno.ENOSYS:
-        return "io_uring_setup is not implemented (ENOSYS): kernel too old, or a sandbox such as gVisor"
+        return (
+            "io_uring_setup is not implemented (ENOSYS): "
+            "the kernel is too old, or a sandbox such as gVisor hides it"
+        )
     if err == errno.EPERM:
         if sysctl is not None:
             return (
