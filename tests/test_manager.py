@@ -1,0 +1,224 @@
+"""The trio I/O manager: submission, completion, cancellation, lifetime."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import trio
+import trio.testing
+from trio_uring._shim_cffi import ffi
+
+import trio_uring
+from trio_uring._features import SETUP_FLAG_CANDIDATES
+from trio_uring._manager import Multishot, current_manager
+from trio_uring._prep import prep_accept, prep_nop, prep_recv
+
+pytestmark = pytest.mark.skipif(
+    not trio_uring.features().io_uring, reason="io_uring is not usable here"
+)
+
+
+def recv_args(sock: socket.socket, size: int = 64) -> tuple[object, int, int, int]:
+    buf = ffi.new("char[]", size)
+    return buf, sock.fileno(), int(ffi.cast("uintptr_t", buf)), size
+
+
+async def test_ten_thousand_nops_across_a_thousand_tasks() -> None:
+    manager = current_manager()
+    results: list[int] = []
+
+    async def worker() -> None:
+        for _ in range(10):
+            results.append(await manager.submit(prep_nop))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(1000):
+            nursery.start_soon(worker)
+    assert results == [0] * 10_000
+    assert manager.ring is not None and manager.ring.table == {}
+
+
+async def test_submit_is_a_checkpoint_even_when_completed_inline() -> None:
+    manager = current_manager()
+    with trio.testing.assert_checkpoints():
+        await manager.submit(prep_nop)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await manager.submit(prep_nop)
+    assert manager.ring is not None and manager.ring.table == {}
+
+
+async def test_cancelled_recv_resumes_with_cancelled_and_empties_the_table() -> None:
+    manager = current_manager()
+    a, b = socket.socketpair()
+    with a, b:
+        buf, *args = recv_args(a)
+        with trio.move_on_after(0.05) as scope:
+            await manager.submit(prep_recv, *args)
+        assert scope.cancelled_caught
+        assert manager.ring is not None and manager.ring.table == {}
+        # The ring still works, and the socket's data was not eaten.
+        b.send(b"after")
+        assert await manager.submit(prep_recv, *args) == 5
+        assert bytes(ffi.buffer(buf, 5)) == b"after"
+
+
+async def test_cancel_racing_completion_returns_the_result() -> None:
+    manager = current_manager()
+    a, b = socket.socketpair()
+    with a, b:
+        buf, *args = recv_args(a)
+        got: list[int] = []
+
+        async def receiver(scope_box: list[trio.CancelScope]) -> None:
+            with trio.CancelScope() as scope:
+                scope_box.append(scope)
+                got.append(await manager.submit(prep_recv, *args))
+
+        box: list[trio.CancelScope] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver, box)
+            await trio.testing.wait_all_tasks_blocked()
+            # Data arrives and the cancel is requested in the same tick: either
+            # the task sees the 4 bytes, or the bytes stay in the socket.
+            b.send(b"race")
+            box[0].cancel()
+        if got:
+            assert got == [4] and bytes(ffi.buffer(buf, 4)) == b"race"
+        else:
+            assert a.recv(4) == b"race"
+        assert manager.ring is not None and manager.ring.table == {}
+
+
+@pytest.mark.parametrize("flags", SETUP_FLAG_CANDIDATES)
+async def test_completions_wake_trio_under_every_setup_flag_set(flags: int) -> None:
+    # A lost wake-up would hang here (bounded by fail_after).
+    try:
+        cm = trio_uring.open_manager(setup_flags=flags)
+        manager = await cm.__aenter__()
+    except trio_uring.RingSetupError:
+        pytest.skip("this kernel rejects these setup flags")
+    try:
+        a, b = socket.socketpair()
+        with a, b:
+            buf, *args = recv_args(a)
+
+            async def later() -> None:
+                await trio.sleep(0.05)
+                b.send(b"wake")
+
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(later)
+                    assert await manager.submit(prep_recv, *args) == 4
+    finally:
+        await cm.__aexit__(None, None, None)
+
+
+async def test_multishot_accept_queues_results() -> None:
+    manager = current_manager()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        accepted: list[int] = []
+        ms = manager.start_multishot(
+            prep_accept, listener.fileno(), 0, True, ms=Multishot(discard=accepted.append)
+        )
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        fds = [await manager.next_result(ms) for _ in range(3)]
+        assert all(fd is not None and fd >= 0 for fd in fds)
+        for fd in fds:
+            socket.close(fd)  # type: ignore[arg-type]
+        manager.close_multishot(ms)
+        with trio.fail_after(5):
+            while not ms.finished:
+                await trio.sleep(0.01)
+        assert manager.ring is not None and ms.user_data not in manager.ring.table
+        for c in clients:
+            c.close()
+
+
+def test_run_ending_with_operations_in_flight_ends_cleanly() -> None:
+    a, b = socket.socketpair()
+    rings: list[object] = []
+
+    async def main() -> None:
+        manager = current_manager()
+        rings.append(manager)
+
+        async def stuck() -> None:
+            _buf, *args = recv_args(a)
+            await manager.submit(prep_recv, *args)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(stuck)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+    with a, b:
+        trio.run(main)
+    manager = rings[0]
+    assert manager.closed and manager.ring.closed and manager.ring.table == {}
+
+
+def test_two_runs_in_two_threads_get_their_own_ring() -> None:
+    fds: list[int] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    async def main() -> None:
+        manager = current_manager()
+        fds.append(manager.ring.fd)
+        await trio.to_thread.run_sync(barrier.wait)
+        for _ in range(1000):
+            assert await manager.submit(prep_nop) == 0
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert len(fds) == 2
+    # Both rings existed at once (the barrier), so their fds differ.
+    assert fds[0] != fds[1]
+
+
+async def test_open_manager_refuses_a_second_manager() -> None:
+    async with trio_uring.open_manager() as manager:
+        assert current_manager() is manager
+        with pytest.raises(RuntimeError, match="already has a trio_uring I/O manager"):
+            async with trio_uring.open_manager():
+                pass  # pragma: no cover
+    assert manager.closed
+
+
+async def test_unknown_strategy_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown strategy"):
+        async with trio_uring.open_manager(strategy="fast"):
+            pass  # pragma: no cover
+
+
+async def test_strategy_the_kernel_lacks_is_refused() -> None:
+    if trio_uring.features().fixed_provided_send_zc:
+        pytest.skip("this kernel has the fixed-provided send")
+    with pytest.raises(ValueError, match="cannot run here"):
+        async with trio_uring.open_manager(strategy="fixed-provided-bundle"):
+            pass  # pragma: no cover
+
+
+async def test_stats_count_enter_calls() -> None:
+    manager = current_manager()
+    before = manager.stats()["io_uring_enter_calls"]
+    await manager.submit(prep_nop)
+    assert manager.stats()["io_uring_enter_calls"] > before
