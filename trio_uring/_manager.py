@@ -249,8 +249,15 @@ class IOManager:
         completed anyway its result is returned (and the cancellation comes
         at the next checkpoint), else ``Cancelled`` is raised.
         """
-        ring = self._require_ring()
-        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            ring = self._require_ring()
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            if op is not None:
+                # The request never reached the kernel and no CQE will come:
+                # end it here, so a zero-copy send drops its slice reference.
+                op.complete(-errno.ECANCELED, 0)
+            raise
         if op is None:
             op = Operation()
         user_data = prep(ring, op, *args)
