@@ -1,0 +1,146 @@
+"""Arena, lease and provided-ring bookkeeping, without the kernel."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_uring._buffers import (
+    ProvidedEntry,
+    ProvidedRing,
+    RegisteredArena,
+    SliceLease,
+    decode_fixed_provided,
+    encode_fixed_provided,
+)
+from trio_uring._send import remaining_after
+
+
+@given(st.integers(0, (1 << 20) - 1), st.integers(0, (1 << 44) - 1))
+def test_fixed_provided_encoding_round_trips(index: int, offset: int) -> None:
+    addr = encode_fixed_provided(index, offset)
+    assert addr == (offset << 20) | index
+    assert addr < 1 << 64
+    assert decode_fixed_provided(addr) == (index, offset)
+
+
+def test_fixed_provided_encoding_rejects_what_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="20 bits"):
+        encode_fixed_provided(1 << 20, 0)
+    with pytest.raises(ValueError, match="44 bits"):
+        encode_fixed_provided(0, 1 << 44)
+
+
+def test_ring_memory_matches_struct_io_uring_buf_ring() -> None:
+    arena = RegisteredArena(4 * 4096, 4096, buf_index=3)
+    ring = ProvidedRing(4, fixed=True)
+    ring.publish(arena, [2, 0], [100, 4096])
+    raw = bytes(ring.memory[: 4 * 16])
+    # struct io_uring_buf { __u64 addr; __u32 len; __u16 bid; __u16 resv; }
+    # with the ring tail overlaying resv of entry 0.
+    addr0, len0, bid0, tail = struct.unpack_from("<QIHH", raw, 0)
+    addr1, len1, bid1, resv1 = struct.unpack_from("<QIHH", raw, 16)
+    assert (addr0, len0, bid0) == ((2 * 4096) << 20 | 3, 100, 2)
+    assert (addr1, len1, bid1, resv1) == ((0 << 20) | 3, 4096, 0, 0)
+    assert tail == 2 == ring.published_tail
+    assert ring.address % 4096 == 0
+
+
+def test_plain_ring_holds_pointers_and_consumes_in_order() -> None:
+    arena = RegisteredArena(8 * 1024, 1024)
+    ring = ProvidedRing(8, fixed=False)
+    ring.publish(arena, [5, 1, 7], [10, 20, 30])
+    assert struct.unpack_from("<Q", ring.memory, 0)[0] == arena.base + 5 * 1024
+    assert ring.consume(arena) == [
+        ProvidedEntry(0, 5 * 1024, 10, 5),
+        ProvidedEntry(0, 1024, 20, 1),
+        ProvidedEntry(0, 7 * 1024, 30, 7),
+    ]
+    assert ring.published == 0 and ring.consume(arena) == []
+
+
+def test_ring_wraps_and_refuses_overflow() -> None:
+    arena = RegisteredArena(4 * 512, 512)
+    ring = ProvidedRing(4)
+    for round_ in range(5):
+        ring.publish(arena, [0, 1, 2], [1, 2, 3])
+        assert [e.bid for e in ring.consume(arena)] == [0, 1, 2], round_
+    ring.publish(arena, [0, 1, 2, 3], [1, 1, 1, 1])
+    with pytest.raises(RuntimeError, match="overflow"):
+        ring.publish(arena, [0], [1])
+
+
+def test_ring_sizes() -> None:
+    assert [ProvidedRing.entries_for(n) for n in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]
+    with pytest.raises(ValueError):
+        ProvidedRing(3)
+
+
+def test_arena_validates_its_configuration() -> None:
+    with pytest.raises(ValueError, match="at least one slice"):
+        RegisteredArena(100, 4096)
+    with pytest.raises(ValueError, match="1 GiB"):
+        RegisteredArena(2 << 30, 1 << 20)
+    with pytest.raises(TypeError):
+        RegisteredArena(4096.0, 1024)  # type: ignore[arg-type]
+
+
+def test_lease_releases_only_after_seal_and_every_notification() -> None:
+    arena = RegisteredArena(4 * 1024, 1024)
+    slices = arena.acquire(3)
+    lease = SliceLease(arena, slices)
+    lease.hold()  # first send
+    lease.hold()  # a second, short-send continuation
+    lease.drop()  # first notification
+    lease.seal()
+    assert arena.free_count == 1 and not lease.released
+    lease.drop()
+    assert arena.free_count == 4 and lease.released
+
+
+def test_arena_serves_waiters_fifo_without_barging() -> None:
+    arena = RegisteredArena(2 * 1024, 1024)
+    held = arena.acquire(5)
+    assert held == [0, 1] and arena.acquire(1) == []
+    got: list[tuple[str, list[int]]] = []
+    arena.request(1, lambda s: got.append(("a", s)))
+    ticket_b = arena.request(2, lambda s: got.append(("b", s)))
+    arena.request(1, lambda s: got.append(("c", s)))
+    arena.release([0])
+    assert got == [("a", [0])]
+    # A newcomer may not take slices while others queue.
+    arena.release([1])
+    assert arena.acquire(1) == []
+    assert got[-1] == ("b", [1])
+    arena.withdraw(ticket_b)  # already granted: no effect
+    arena.release([0, 1])
+    assert got[-1] == ("c", [0]) and arena.free_count == 1
+
+
+def test_withdrawn_waiter_passes_its_turn() -> None:
+    arena = RegisteredArena(1024, 1024)
+    arena.acquire(1)
+    got: list[str] = []
+    ticket = arena.request(1, lambda s: got.append("a"))
+    arena.request(1, lambda s: got.append("b"))
+    arena.withdraw(ticket)
+    arena.release([0])
+    assert got == ["b"]
+
+
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=20), st.data())
+def test_remaining_after_covers_exactly_the_unsent_bytes(lengths: list[int], data) -> None:
+    entries = []
+    offset = 0
+    for i, n in enumerate(lengths):
+        entries.append(ProvidedEntry(0, offset, n, i))
+        offset += n + 7
+    total = sum(lengths)
+    sent = data.draw(st.integers(0, total))
+    rest = remaining_after(entries, sent)
+    assert sum(e.length for e in rest) == total - sent
+    flat = [(e.offset + k) for e in entries for k in range(e.length)]
+    assert [(e.offset + k) for e in rest for k in range(e.length)] == flat[sent:]
