@@ -1,0 +1,101 @@
+"""Bytes arrive in order and intact, for any split, strategy and arena size."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import trio_uring
+from tests.conftest import runnable_strategies, tcp_pair, unix_pair
+
+SLICE_SIZES = st.sampled_from([4096, 8192, 65536, 1 << 20]) | st.integers(4096, 1 << 20)
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+async def transfer(stream, peer, payload: bytes, writes: list[int]) -> bytes:
+    """send_all ``payload`` split at ``writes``; return what the peer got."""
+    received = bytearray()
+
+    async def drain() -> None:
+        async for chunk in peer:
+            received.extend(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        pos = 0
+        for n in writes:
+            await stream.send_all(payload[pos : pos + n])
+            pos += n
+        await stream.send_all(payload[pos:])
+        await stream.send_eof()
+    return bytes(received)
+
+
+def run_case(strategy: str, family: str, slice_size: int, payload_size: int, seed: int) -> None:
+    payload = pattern(payload_size, seed)
+    rng = random.Random(seed)
+    writes = [rng.randrange(0, 3 * slice_size) for _ in range(rng.randrange(0, 6))]
+
+    async def main() -> None:
+        async with trio_uring.open_manager(
+            strategy=strategy, slice_size=slice_size, arena_size=8 * slice_size
+        ) as manager:
+            stream, peer = await (tcp_pair() if family == "tcp" else unix_pair())
+            async with stream, peer:
+                with trio.fail_after(60):
+                    got = await transfer(stream, peer, payload, writes)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+            with trio.fail_after(10):
+                while manager.arena.free_count != manager.arena.n_slices:
+                    await trio.sleep(0.005)
+
+    trio.run(main)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    strategy=st.sampled_from(runnable_strategies()),
+    family=st.sampled_from(["tcp", "unix"]),
+    slice_size=SLICE_SIZES,
+    payload_size=st.integers(0, 8 << 20) | st.sampled_from([0, 1, 4095, 4096, 4097]),
+    seed=st.integers(0, 2**32),
+)
+def test_any_payload_any_slice_size_arrives_intact(
+    strategy: str, family: str, slice_size: int, payload_size: int, seed: int
+) -> None:
+    run_case(strategy, family, slice_size, payload_size, seed)
+
+
+def test_every_strategy_and_family_at_the_extremes() -> None:
+    for strategy in runnable_strategies():
+        for family in ("tcp", "unix"):
+            run_case(strategy, family, 4096, 8 << 20, 1)
+            run_case(strategy, family, 1 << 20, 1, 2)
+
+
+async def test_thirty_two_streams_share_an_arena_of_eight_slices() -> None:
+    async with trio_uring.open_manager(slice_size=4096, arena_size=8 * 4096) as manager:
+        results: dict[int, bool] = {}
+
+        async def one(i: int) -> None:
+            payload = pattern(200_000 + i * 997, i)
+            stream, peer = await tcp_pair()
+            async with stream, peer:
+                got = await transfer(stream, peer, payload, [1000, 70_000])
+            results[i] = got == payload
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(32):
+                    nursery.start_soon(one, i)
+        assert results == {i: True for i in range(32)}
+        with trio.fail_after(10):
+            while manager.arena.free_count != manager.arena.n_slices:
+                await trio.sleep(0.005)
