@@ -1,0 +1,166 @@
+"""serve_tcp, open_tcp_stream, listeners, and the strategy the seed kernel would use."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket as stdlib_socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+import trio.testing
+
+import trio_uring
+from trio_uring import _abi
+from trio_uring._buffers import ProvidedRing, RegisteredArena
+from trio_uring._manager import Operation
+from trio_uring._ring import Ring
+from trio_uring._send import FixedProvidedBundle
+
+
+async def echo(stream: trio_uring.ZeroCopyStream) -> None:
+    async with stream:
+        async for data in stream:
+            await stream.send_all(data)
+
+
+async def test_serve_tcp_and_open_tcp_stream(strategy: str, manager) -> None:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio_uring.serve_tcp, echo, 0, host="127.0.0.1")
+        )
+        assert all(isinstance(lst, trio_uring.ZeroCopyListener) for lst in listeners)
+        port = listeners[0].socket.getsockname()[1]
+
+        async def client(i: int) -> None:
+            stream = await trio_uring.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                message = f"hello {i} ".encode() * 1000
+                await stream.send_all(message)
+                got = b""
+                while len(got) < len(message):
+                    got += await stream.receive_some()
+                assert got == message
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as clients:
+                for i in range(50):
+                    clients.start_soon(client, i)
+        nursery.cancel_scope.cancel()
+
+
+async def test_listener_accept_is_cancellable_and_closable(manager) -> None:
+    (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+    with trio.move_on_after(0.05) as scope:
+        await listener.accept()
+    assert scope.cancelled_caught
+    # A connection made while nobody was accepting is still delivered.
+    port = listener.socket.getsockname()[1]
+    client = await trio_uring.open_tcp_stream("127.0.0.1", port)
+    server = await listener.accept()
+    async with client, server:
+        await client.send_all(b"x")
+        assert await server.receive_some(1) == b"x"
+
+    async def accept_expecting_closed() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await listener.accept()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_expecting_closed)
+        await trio.testing.wait_all_tasks_blocked()
+        await listener.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await listener.accept()
+
+
+async def test_open_unix_stream(manager, tmp_path) -> None:
+    path = str(tmp_path / "sock")
+    listener_sock = trio.socket.socket(stdlib_socket.AF_UNIX)
+    await listener_sock.bind(path)
+    listener_sock.listen()
+    listener = trio_uring.ZeroCopyListener(listener_sock)
+    async with listener:
+        client = await trio_uring.open_unix_stream(path)
+        server = await listener.accept()
+        async with client, server:
+            await client.send_all(b"unix")
+            assert await server.receive_some(10) == b"unix"
+            assert client.stats().strategy in ("copy", "socket")
+
+
+async def test_listener_rejects_sockets_that_do_not_listen(manager) -> None:
+    sock = trio.socket.socket()
+    with sock, pytest.raises(ValueError, match="listen"):
+        trio_uring.ZeroCopyListener(sock)
+
+
+def test_fixed_provided_bundle_sqe() -> None:
+    """The SQE the seed-patchset strategy submits, byte for byte."""
+    ring = Ring(8)
+    try:
+        arena = RegisteredArena(4 * 4096, 4096)
+        pring = ProvidedRing(4, fixed=True)
+        pring.publish(arena, [1, 3], [4096, 100])
+        FixedProvidedBundle.prep(ring, Operation(), 7, 42)
+        sqe = ring.last_sqe()
+        assert sqe.opcode == _abi.IORING_OP_SEND_ZC
+        assert sqe.flags == _abi.IOSQE_BUFFER_SELECT
+        assert sqe.ioprio == (
+            _abi.IORING_RECVSEND_FIXED_BUF
+            | _abi.IORING_RECVSEND_BUNDLE
+            | _abi.IORING_SEND_ZC_REPORT_USAGE
+        )
+        assert sqe.fd == 7
+        assert sqe.buf_index == 42  # the buffer group, in the buf_group union
+        assert sqe.addr == 0 and sqe.len == 0  # the kernel picks the entries
+        assert sqe.op_flags == stdlib_socket.MSG_WAITALL | stdlib_socket.MSG_NOSIGNAL
+        # ...and the entries it would pick name registered memory, not pointers.
+        entries = pring.consume(arena)
+        assert [(e.buf_index, e.offset, e.length, e.bid) for e in entries] == [
+            (0, 4096, 4096, 1),
+            (0, 3 * 4096, 100, 3),
+        ]
+    finally:
+        ring.close()
+
+
+def test_same_program_without_io_uring() -> None:
+    """TRIO_URING_DISABLE=1: the socket strategy serves the same API."""
+    program = textwrap.dedent(
+        """
+        import functools, trio, trio_uring
+
+        async def echo(stream):
+            async with stream:
+                async for data in stream:
+                    await stream.send_all(data)
+
+        async def main():
+            assert trio_uring.current_manager().ring is None
+            async with trio.open_nursery() as nursery:
+                (listener,) = await nursery.start(
+                    functools.partial(trio_uring.serve_tcp, echo, 0, host="127.0.0.1"))
+                port = listener.socket.getsockname()[1]
+                stream = await trio_uring.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(b"ping" * 100000)
+                    got = b""
+                    while len(got) < 400000:
+                        got += await stream.receive_some()
+                    assert got == b"ping" * 100000
+                    print(stream.stats().strategy)
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        """
+    )
+    env = dict(os.environ, TRIO_URING_DISABLE="1")
+    out = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "socket"
