@@ -1,0 +1,260 @@
+"""The benchmark suite's own logic; never whether anything is fast."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trio_uring.bench import cli, csender, loadgen, report, scenarios, sink
+from trio_uring.bench.config import KIB, MIB, Config, size_label
+from trio_uring.bench.contenders import SendResult
+
+
+def test_parse_defaults() -> None:
+    args, config = cli.parse_args([])
+    assert args.sink is None
+    assert config.scenarios == ("a", "b", "c", "d")
+    assert not config.quick and config.reps >= 3
+    assert config.out == Path("bench-results")
+    assert config.connect is None and config.contenders is None
+
+
+def test_parse_quick_and_overrides() -> None:
+    _, config = cli.parse_args(
+        ["--quick", "--scenarios", "a,smoke", "--reps", "2", "--out", "x", "--streams", "7"]
+    )
+    assert config.quick and config.reps == 2
+    assert config.scenarios == ("a", "smoke")
+    assert config.out == Path("x") and config.streams == 7
+    assert config.duration_one < Config().duration_one
+
+
+def test_parse_connect_sink_and_contenders() -> None:
+    args, config = cli.parse_args(["--connect", "10.0.0.2:9000", "--contenders", "uvloop"])
+    assert config.connect == ("10.0.0.2", 9000)
+    assert config.contenders == ("trio", "uvloop")
+    args, _ = cli.parse_args(["--sink", "9000"])
+    assert args.sink == 9000
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--scenarios", "a,z"], ["--scenarios", ","], ["--connect", "nohost"], ["--reps", "0"]],
+)
+def test_parse_rejects(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_size_label() -> None:
+    assert [size_label(s) for s in (4 * KIB, 64 * KIB, MIB, 16 * MIB, 100)] == [
+        "4KiB",
+        "64KiB",
+        "1MiB",
+        "16MiB",
+        "100B",
+    ]
+
+
+def _sample(contender: str, value: float, rep: int, *, p99: float = 100.0) -> dict[str, Any]:
+    return {
+        "scenario": "c",
+        "kind": "echo",
+        "contender": contender,
+        "param": "100clients",
+        "size": 1024,
+        "rep": rep,
+        "ok": True,
+        "error": None,
+        "raw": {},
+        "metrics": {"requests_per_s": value, "p99_us": p99},
+    }
+
+
+def test_ratio_and_aggregate() -> None:
+    assert report.ratio(3.0, 2.0) == 1.5
+    assert report.ratio(3.0, 0.0) is None
+    samples = [
+        _sample("trio", 100.0, 0, p99=200.0),
+        _sample("trio", 300.0, 1, p99=400.0),
+        _sample("trio", 200.0, 2, p99=300.0),
+        _sample("uvloop", 400.0, 0, p99=150.0),
+        _sample("uvloop", 500.0, 1, p99=150.0),
+        _sample("uvloop", 600.0, 2, p99=150.0),
+        {**_sample("uvloop", 1e9, 3), "ok": False},
+    ]
+    results = report.aggregate(samples, ["c"])
+    rps = report.find(results, "c", "100clients", "requests_per_s", "uvloop")
+    assert rps is not None
+    assert (rps["median"], rps["min"], rps["max"], rps["n"]) == (500.0, 400.0, 600.0, 3)
+    assert rps["ratio"] == pytest.approx(2.5)
+    assert rps["ratio_min"] == pytest.approx(2.0) and rps["ratio_max"] == pytest.approx(3.0)
+    p99 = report.find(results, "c", None, "p99_us", "uvloop")
+    assert p99 is not None and p99["ratio"] == pytest.approx(0.5)
+    assert not p99["higher_is_better"]
+    base = report.find(results, "c", None, "requests_per_s", "trio")
+    assert base is not None and base["ratio"] == 1.0
+    assert report.aggregate(samples, ["a"]) == []
+
+
+def test_targets_use_the_right_comparison() -> None:
+    samples = [_sample("trio", 100.0, 0, p99=100.0), _sample("zc:x", 160.0, 0, p99=120.0)]
+    targets = report.evaluate_targets(report.aggregate(samples, ["c"]), "zc:x")
+    by_text = {t["target"]: t for t in targets}
+    rps = by_text["echo, 100 clients, requests/s >= 1.5x trio"]
+    assert rps["met"] is True and rps["ratio"] == pytest.approx(1.6)
+    assert by_text["echo, 100 clients, p99 no worse than trio"]["met"] is False
+    assert by_text["one stream, 4 KiB messages/s >= 2x trio"]["met"] is None
+
+
+def test_send_metrics() -> None:
+    r = SendResult(
+        messages=256,
+        bytes_sent=256 * MIB,
+        bytes_received=256 * MIB,
+        elapsed=0.5,
+        cpu=0.25,
+        enter_calls=512,
+        rss_start_kib=1000,
+        rss_end_kib=1004,
+    )
+    m = scenarios.send_metrics(r, MIB)
+    assert m["throughput_gbps"] == pytest.approx(256 * MIB / 0.5 / 1e9)
+    assert m["messages_per_s"] == 512
+    assert m["cpu_s_per_gib"] == pytest.approx(1.0)
+    assert m["enter_calls_per_gib"] == pytest.approx(2048)
+    assert m["rss_growth_kib"] == 4
+    assert (
+        scenarios.send_metrics(SendResult(1, 10, 10, 1.0, 0.1), 10)["enter_calls_per_gib"] is None
+    )
+
+
+def test_report_schema_and_table() -> None:
+    config = Config(scenarios=("c",), reps=1)
+    samples = [_sample("trio", 100.0, 0), _sample("uvloop", 150.0, 0)]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    rep = report.build_report(config, ["trio", "uvloop"], [], samples, 2, started, ["x"])
+    rep = json.loads(json.dumps(rep))
+    assert report.validate(rep) == []
+    assert rep["complete"] and rep["all_bytes_arrived"]
+    assert rep["machine"]["cpu_count"] >= 1 and rep["features"]["strategy"]
+    table = report.format_table(rep)
+    assert "1.50x" in table and "req/s" in table
+    broken = dict(rep)
+    del broken["samples"]
+    broken["machine"] = {}
+    assert report.validate(broken) == ["missing key 'samples'"]
+    rep["machine"] = {}
+    assert "machine info lacks 'kernel'" in report.validate(rep)
+
+
+def test_incomplete_report_is_flagged() -> None:
+    config = Config(scenarios=("c",), reps=1)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    rep = report.build_report(config, ["trio"], [], [_sample("trio", 1.0, 0)], 2, started, [])
+    assert not rep["complete"]
+
+
+def _send_to_sink(port: int, payload: bytes, times: int) -> int:
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        for _ in range(times):
+            conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        ack = b""
+        while len(ack) < sink.ACK_SIZE:
+            data = conn.recv(sink.ACK_SIZE - len(ack))
+            assert data, "sink closed without its count"
+            ack += data
+    return sink.decode_count(ack)
+
+
+def test_sink_counts_every_byte() -> None:
+    s = sink.Sink()
+    thread = threading.Thread(target=s.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert _send_to_sink(s.port, b"", 0) == 0
+        assert _send_to_sink(s.port, b"q" * 1000, 1) == 1000
+        assert _send_to_sink(s.port, b"z" * (3 * MIB + 7), 5) == 5 * (3 * MIB + 7)
+    finally:
+        s.close()
+        thread.join(5)
+    assert s.connections == 3 and s.total == 1000 + 5 * (3 * MIB + 7)
+
+
+def test_count_encoding() -> None:
+    assert sink.decode_count(sink.encode_count(2**40 + 3)) == 2**40 + 3
+    with pytest.raises(ValueError):
+        sink.decode_count(b"123")
+
+
+def test_percentile() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert loadgen.percentile(values, 0.5) == 50.0
+    assert loadgen.percentile(values, 0.99) == 99.0
+    assert loadgen.percentile([], 0.5) == 0.0
+
+
+def test_missing_compiler_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(csender.CompileError, match="not found"):
+        csender.build(tmp_path, compiler="no-such-compiler-here")
+
+
+def test_plan_respects_selection() -> None:
+    cells = scenarios.plan(Config(scenarios=("d",)))
+    assert len(cells) == 1 and isinstance(cells[0], scenarios.SendCell)
+    assert cells[0].sizes == Config().sizes_cpu
+    remote = scenarios.plan(Config(scenarios=("a", "c"), connect=("h", 1)))
+    assert [c.scenario for c in remote] == ["a"]
+    assert not scenarios.applies(scenarios.EchoCell("c", 4, 1.0), "c:send")
+    assert not scenarios.applies(scenarios.SendCell("b", (4096,), 100, 1.0), "c:zc")
+
+
+def test_quick_smoke_run(tmp_path: Path) -> None:
+    """The whole pipeline end to end: every cell ran, every byte arrived."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_uring.bench",
+            "--quick",
+            "--scenarios",
+            "smoke",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((out / cli.REPORT_NAME).read_text())
+    assert report.validate(rep) == []
+    assert rep["complete"] and rep["all_bytes_arrived"]
+    assert rep["expected_samples"] == len(rep["samples"]) > 0
+    assert "trio" in rep["contenders"] and any(n.startswith("zc:") for n in rep["contenders"])
+    sends = [s for s in rep["samples"] if s["kind"] == "send"]
+    assert {s["contender"] for s in sends} == set(rep["contenders"])
+    for s in sends:
+        assert s["raw"]["bytes_sent"] == s["raw"]["bytes_received"] > 0
+    echoes = [s for s in rep["samples"] if s["kind"] == "echo"]
+    assert echoes and all(s["raw"]["requests"] > 0 for s in echoes)
+    assert "smoke" in proc.stdout and "trio (abs)" in proc.stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "chart skipped" in proc.stdout
+    else:
+        assert (out / cli.CHART_NAME).stat().st_size > 0

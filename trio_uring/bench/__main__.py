@@ -1,0 +1,7 @@
+"""``python -m trio_uring.bench``: see ``cli.py`` for the options."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,366 @@
+"""Plan the cells of a run, execute them, and collect every raw sample.
+
+A *cell* is (scenario, contender, parameter); each runs ``reps`` times.
+Repetitions are the outer loop, so a burst of noise from another process
+on this shared machine hits one repetition of every contender rather than
+every repetition of one, and the median survives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+import trio_uring
+
+from . import contenders, csender
+from .config import Config, size_label
+from .contenders import SendResult
+from .sink import sink_process
+
+GIB = 1 << 30
+
+
+class Progress:
+    """One status line on stderr, rewritten in place on a terminal.
+
+    Runs take minutes; the line says how far along the run is and what the
+    last sample measured.  Without a terminal each step is its own line.
+    """
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self._width = 0
+
+    def _write(self, text: str) -> None:
+        if self.tty:
+            pad = max(0, self._width - len(text))
+            self.stream.write("\r" + text + " " * pad)
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def step(self, label: str, detail: str = "") -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.start
+        self._write(f"[{self.done}/{self.total} {elapsed:5.0f}s] {label} {detail}".rstrip())
+
+    def note(self, message: str) -> None:
+        """A message that stays (a skipped contender, a failure)."""
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@dataclasses.dataclass
+class Lineup:
+    """The contenders this run measures and those it had to skip, with why."""
+
+    names: list[str]
+    skipped: list[dict[str, str]]
+    c_binary: Any = None
+
+
+def resolve_contenders(config: Config) -> Lineup:
+    """Expand ``zc:*`` to the runnable strategies, build the C sender, and
+    drop (with a reason) whatever cannot run here."""
+    names: list[str] = []
+    skipped: list[dict[str, str]] = []
+    strategies = contenders.runnable_strategies()
+    for name in trio_uring.STRATEGIES:
+        if name not in strategies:
+            skipped.append({"contender": f"zc:{name}", "reason": "this kernel cannot run it"})
+    c_binary = None
+    for entry in contenders.ORDER:
+        expanded = [f"zc:{s}" for s in strategies] if entry == "zc:*" else [entry]
+        for name in expanded:
+            if config.contenders is not None and name not in config.contenders:
+                continue
+            if name == "uvloop" and not contenders.uvloop_available():
+                skipped.append({"contender": name, "reason": "uvloop is not installed"})
+                continue
+            if name in contenders.C_CONTENDERS:
+                if c_binary is None:
+                    try:
+                        c_binary = csender.build(config.cache_dir)
+                    except csender.CompileError as exc:
+                        skipped.append({"contender": name, "reason": str(exc)})
+                        continue
+            names.append(name)
+    if config.contenders is not None:
+        known = set(names) | {s["contender"] for s in skipped}
+        for name in config.contenders:
+            if name not in known:
+                skipped.append({"contender": name, "reason": "unknown contender"})
+    return Lineup(names, skipped, c_binary)
+
+
+@dataclasses.dataclass(frozen=True)
+class SendCell:
+    scenario: str
+    sizes: tuple[int, ...]
+    streams: int
+    duration: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoCell:
+    scenario: str
+    clients: int
+    duration: float
+
+
+Cell = SendCell | EchoCell
+
+
+def plan(config: Config) -> list[Cell]:
+    """The cells the selected scenarios need, in run order."""
+    chosen = set(config.scenarios)
+    cells: list[Cell] = []
+    if "a" in chosen or "d" in chosen:
+        sizes = config.sizes_one if "a" in chosen else config.sizes_cpu
+        cells.append(SendCell("a", tuple(sizes), 1, config.duration_one))
+    if "b" in chosen:
+        cells.append(SendCell("b", config.sizes_many, config.streams, config.duration_many))
+    if "c" in chosen and config.connect is None:
+        cells.append(EchoCell("c", config.clients, config.duration_echo))
+    if "smoke" in chosen:
+        cells.append(SendCell("smoke", (config.smoke_size,), 1, config.duration_one))
+        if config.connect is None:
+            cells.append(EchoCell("smoke", config.smoke_clients, config.duration_echo))
+    return cells
+
+
+def applies(cell: Cell, contender: str) -> bool:
+    """C senders measure one stream and serve no echo."""
+    if contender in contenders.C_CONTENDERS:
+        return isinstance(cell, SendCell) and cell.streams == 1
+    return True
+
+
+def count_samples(cells: list[Cell], names: list[str], reps: int) -> int:
+    per_rep = 0
+    for cell in cells:
+        for name in names:
+            if applies(cell, name):
+                per_rep += len(cell.sizes) if isinstance(cell, SendCell) else 1
+    return per_rep * reps
+
+
+def send_metrics(r: SendResult, size: int) -> dict[str, float | None]:
+    """Derived figures of one sender sample; None where it does not apply."""
+    gib = r.bytes_sent / GIB if r.bytes_sent else 0.0
+    return {
+        "throughput_gbps": r.bytes_received / r.elapsed / 1e9 if r.elapsed else 0.0,
+        "messages_per_s": r.messages / r.elapsed if r.elapsed else 0.0,
+        "cpu_s_per_gib": r.cpu / gib if gib else None,
+        "enter_calls_per_gib": r.enter_calls / gib if gib and r.enter_calls else None,
+        "rss_growth_kib": float(r.rss_end_kib - r.rss_start_kib) if r.rss_start_kib else None,
+    }
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` (Linux /proc), for the echo servers."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Runner:
+    """Runs the planned cells and accumulates samples for the report."""
+
+    def __init__(self, config: Config, lineup: Lineup, progress: Progress) -> None:
+        self.config = config
+        self.lineup = lineup
+        self.progress = progress
+        self.samples: list[dict[str, Any]] = []
+
+    def _job(self, **job: Any) -> list[str]:
+        job.setdefault("arena_size", self.config.arena_size)
+        job.setdefault("slice_size", self.config.slice_size)
+        return [sys.executable, "-m", "trio_uring.bench.worker", json.dumps(job)]
+
+    def _record_send(
+        self, cell: SendCell, name: str, rep: int, size: int, result: SendResult | None, error: str
+    ) -> None:
+        ok = result is not None and not error and result.bytes_sent == result.bytes_received
+        if result is not None and not error and not ok:
+            error = f"sent {result.bytes_sent} bytes but the sink counted {result.bytes_received}"
+        sample = {
+            "scenario": cell.scenario,
+            "kind": "send",
+            "contender": name,
+            "param": size_label(size),
+            "size": size,
+            "streams": cell.streams,
+            "rep": rep,
+            "ok": ok,
+            "error": error or None,
+            "raw": dataclasses.asdict(result) if result is not None else None,
+            "metrics": send_metrics(result, size) if result is not None else {},
+        }
+        self.samples.append(sample)
+        label = f"{cell.scenario} {name} {size_label(size)} x{cell.streams} rep {rep + 1}"
+        if ok:
+            m = sample["metrics"]
+            detail = f"{m['throughput_gbps']:.2f} GB/s {m['messages_per_s']:,.0f} msg/s"
+        else:
+            detail = "FAILED"
+            self.progress.note(f"{label}: {error}")
+        self.progress.step(label, detail)
+
+    def run_send(self, cell: SendCell, name: str, rep: int, host: str, port: int) -> None:
+        if name in contenders.C_CONTENDERS:
+            for size in cell.sizes:
+                try:
+                    result = csender.run(
+                        self.lineup.c_binary, name, host, port, size, cell.duration
+                    )
+                    self._record_send(cell, name, rep, size, result, "")
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+                    self._record_send(cell, name, rep, size, None, str(exc))
+            return
+        cmd = self._job(
+            job="send",
+            contender=name,
+            host=host,
+            port=port,
+            sizes=list(cell.sizes),
+            duration=cell.duration,
+            streams=cell.streams,
+        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stderr is not None
+        seen: set[int] = set()
+        for line in proc.stdout:
+            raw = json.loads(line)
+            size = raw.pop("size")
+            seen.add(size)
+            self._record_send(cell, name, rep, size, SendResult(**raw), "")
+        stderr = proc.stderr.read()
+        proc.wait()
+        for size in cell.sizes:
+            if size not in seen:
+                why = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+                self._record_send(cell, name, rep, size, None, why[0])
+
+    @contextlib.contextmanager
+    def _echo_server(self, name: str) -> Iterator[tuple[int, int]]:
+        cmd = self._job(job="echo-server", contender=name, host="127.0.0.1")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            line = proc.stdout.readline()
+            if not line.startswith("PORT "):
+                proc.kill()
+                last = proc.stderr.read().strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"{name} echo server did not start: {last[0]}")
+            yield proc.pid, int(line.split()[1])
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    def run_echo(self, cell: EchoCell, name: str, rep: int) -> None:
+        error, result = "", None
+        server_cpu = 0.0
+        try:
+            with self._echo_server(name) as (pid, port):
+                cpu0 = _proc_cpu_seconds(pid)
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "trio_uring.bench.loadgen",
+                        "--port",
+                        str(port),
+                        "--clients",
+                        str(cell.clients),
+                        "--size",
+                        str(self.config.echo_size),
+                        "--duration",
+                        repr(cell.duration),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=cell.duration + 60,
+                )
+                server_cpu = _proc_cpu_seconds(pid) - cpu0
+            if proc.returncode != 0:
+                error = proc.stderr.strip() or f"load generator exit status {proc.returncode}"
+            else:
+                result = json.loads(proc.stdout)
+                if result["errors"] or not result["requests"]:
+                    error = f"{result['errors']} connections failed, {result['requests']} requests"
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            error = str(exc)
+        metrics: dict[str, float | None] = {}
+        if result is not None:
+            requests = result["requests"]
+            metrics = {
+                "requests_per_s": result["requests_per_s"],
+                "p50_us": result["p50_us"],
+                "p99_us": result["p99_us"],
+                "server_cpu_us_per_request": server_cpu / requests * 1e6 if requests else None,
+            }
+        ok = result is not None and not error
+        self.samples.append(
+            {
+                "scenario": cell.scenario,
+                "kind": "echo",
+                "contender": name,
+                "param": f"{cell.clients}clients",
+                "clients": cell.clients,
+                "size": self.config.echo_size,
+                "rep": rep,
+                "ok": ok,
+                "error": error or None,
+                "raw": dict(result, server_cpu_s=server_cpu) if result is not None else None,
+                "metrics": metrics,
+            }
+        )
+        label = f"{cell.scenario} {name} echo {cell.clients} clients rep {rep + 1}"
+        if ok:
+            detail = f"{metrics['requests_per_s']:,.0f} req/s p99 {metrics['p99_us']:.0f} us"
+        else:
+            detail = "FAILED"
+            self.progress.note(f"{label}: {error}")
+        self.progress.step(label, detail)
+
+    def run(self, cells: list[Cell]) -> list[dict[str, Any]]:
+        sink: contextlib.AbstractContextManager[int]
+        if self.config.connect is not None:
+            host, port = self.config.connect
+            sink = contextlib.nullcontext(port)
+        else:
+            host, sink = "127.0.0.1", sink_process()
+        with sink as port:
+            for rep in range(self.config.reps):
+                for cell in cells:
+                    for name in self.lineup.names:
+                        if not applies(cell, name):
+                            continue
+                        if isinstance(cell, SendCell):
+                            self.run_send(cell, name, rep, host, port)
+                        else:
+                            self.run_echo(cell, name, rep)
+        self.progress.finish()
+        return self.samples
