@@ -54,7 +54,7 @@ def _translate_errors(stream: ZeroCopyStream, what: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno == errno.ECANCELED or stream._closed:
+        if exc.errno == errno.ECANCELED or stream._closed or stream._socket_gone():
             raise trio.ClosedResourceError("the stream was closed while " + what) from exc
         raise trio.BrokenResourceError(f"{what} failed: {exc.strerror or exc}") from exc
 
@@ -174,9 +174,22 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
 
     # -- sending --------------------------------------------------------------
 
-    def _check_can_send(self) -> None:
+    def _socket_gone(self) -> bool:
+        """True once other code closed the socket: its fd number is stale and
+        may already name another socket, so it must never be used again."""
+        return self.socket.fileno() != self.fd
+
+    def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this ZeroCopyStream was closed")
+        if self._socket_gone():
+            raise trio.ClosedResourceError(
+                "the socket under this ZeroCopyStream was closed; close the stream with "
+                "aclose() rather than closing its socket"
+            )
+
+    def _check_can_send(self) -> None:
+        self._check_open()
         if self._eof_sent:
             raise trio.ClosedResourceError("can't send data after sending EOF")
         if self._send_broken is not None:
@@ -213,6 +226,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         total = view.nbytes
         pos = 0
         while pos < total:
+            self._check_open()
             wanted = min(-(-(total - pos) // slice_size), self._max_batch)
             slices = await manager.acquire_slices(wanted)
             lease = SliceLease(arena, slices)
@@ -269,8 +283,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     ) from None
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
-            if self._closed:
-                raise trio.ClosedResourceError("this ZeroCopyStream was closed")
+            self._check_open()
             size = min(max_bytes, MAX_RECEIVE_SIZE)
             with _translate_errors(self, "receiving"):
                 if self.manager.ring is None:
@@ -281,6 +294,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 res = await self.manager.submit(
                     prep_recv, self.fd, int(ffi.cast("uintptr_t", buf)), size
                 )
+                self._check_open()
                 if res < 0:
                     raise OSError(-res, os.strerror(-res))
                 return ffi.buffer(buf, res)[:]
@@ -295,7 +309,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """
         if not self._closed:
             self._closed = True
-            self.manager.cancel_fd(self.fd)
+            if not self._socket_gone():
+                self.manager.cancel_fd(self.fd)
             if self.bgid is not None:
                 self.manager.unregister_buf_ring(self.bgid)
                 self.bgid = None

@@ -1,0 +1,299 @@
+"""Issue 5, item 2: peer failures.
+
+A reset (SO_LINGER 0) in the middle of a send and of a receive, a half-close,
+a peer process killed with SIGKILL, and the socket closed under an in-flight
+request by other code.  Each ends in ``BrokenResourceError`` (with the
+``OSError`` as ``__cause__``) or ``ClosedResourceError`` within a bounded
+time, and a bystander stream on the same ring keeps its data intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+from _reliability_helpers import (
+    assert_quiet,
+    available_strategies,
+    check_ring_usable,
+    drain,
+    payload,
+    rst_close,
+    settle,
+    stdlib_pair,
+    stream_and_peer,
+    trio_pair,
+)
+
+import trio_uring
+
+RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE}
+STRATEGIES = available_strategies()
+
+
+async def _bystander(done: trio.Event, results: list[bool]) -> None:
+    """A stream pair streaming a checked payload while the others fail."""
+    a, b = trio_pair()
+    sa, sb = trio_uring.ZeroCopyStream(a), trio_uring.ZeroCopyStream(b)
+    data = payload(77, 3 << 20)
+    got = bytearray()
+    async with sa, sb, trio.open_nursery() as nursery:
+        nursery.start_soon(drain, sb, got)
+        for i in range(0, len(data), 100_000):
+            await sa.send_all(data[i : i + 100_000])
+            await trio.sleep(0)
+        await sa.send_eof()
+        await done.wait()
+    results.append(hashlib.sha256(got).digest() == hashlib.sha256(data).digest())
+
+
+def _assert_broken_by_reset(exc: BaseException) -> None:
+    assert isinstance(exc, trio.BrokenResourceError), repr(exc)
+    cause = exc.__cause__
+    assert isinstance(cause, OSError), f"no OSError cause: {cause!r}"
+    assert cause.errno in RESET_ERRNOS, cause
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_reset_mid_send(strategy: str) -> None:
+    async with trio_uring.open_manager(
+        arena_size=256 * 1024, slice_size=16 * 1024, strategy=strategy
+    ) as manager:
+        for i in range(10):
+            client, server = stdlib_pair()
+            stream = trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(client))
+            done = trio.Event()
+            ok: list[bool] = []
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_bystander, done, ok)
+
+                    async def reset_later(i: int = i, server: socket.socket = server) -> None:
+                        # Let the send fill the socket buffers, read a bit, reset.
+                        await trio.sleep(0.002 * (i % 5))
+                        server.setblocking(False)
+                        try:
+                            server.recv(1000 * i)
+                        except BlockingIOError:
+                            pass
+                        rst_close(server)
+
+                    nursery.start_soon(reset_later)
+                    with pytest.raises(trio.BrokenResourceError) as info:
+                        while True:
+                            await stream.send_all(payload(i, 1 << 20))
+                    _assert_broken_by_reset(info.value)
+                    # The stream stays broken.  The kernel reports the reset
+                    # once, so receiving then sees it or a plain end of stream.
+                    with pytest.raises(trio.BrokenResourceError):
+                        await stream.send_all(b"x")
+                    try:
+                        assert await stream.receive_some() == b""
+                    except trio.BrokenResourceError:
+                        pass
+                    done.set()
+            assert ok == [True]
+            await stream.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+        await check_ring_usable()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_reset_mid_receive(strategy: str) -> None:
+    async with trio_uring.open_manager(strategy=strategy) as manager:
+        for i in range(10):
+            stream, peer = stream_and_peer()
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+
+                    async def peer_side(i: int = i, peer: trio.SocketStream = peer) -> None:
+                        await peer.send_all(b"a" * i)
+                        await trio.sleep(0.001 * (i % 4))
+                        rst_close(peer.socket)
+
+                    nursery.start_soon(peer_side)
+                    got = bytearray()
+                    with pytest.raises(trio.BrokenResourceError) as info:
+                        while True:
+                            chunk = await stream.receive_some()
+                            if not chunk:
+                                pytest.fail("reset reported as a clean EOF")
+                            got += chunk
+                    assert bytes(got) == b"a" * len(got)
+                    cause = info.value.__cause__
+                    assert isinstance(cause, OSError) and cause.errno == errno.ECONNRESET
+            await stream.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+        await check_ring_usable()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_half_close_both_ways(strategy: str) -> None:
+    async with trio_uring.open_manager(strategy=strategy) as manager:
+        stream, peer = stream_and_peer()
+        with trio.fail_after(10):
+            # The peer half-closes: we read EOF (repeatedly) but can still send.
+            await peer.send_all(b"request")
+            await peer.send_eof()
+            got = b""
+            while len(got) < 7:
+                got += await stream.receive_some()
+            assert got == b"request"
+            assert await stream.receive_some() == b""
+            assert await stream.receive_some() == b""
+            data = payload(3, 500_000)
+            async with trio.open_nursery() as nursery:
+                sink = bytearray()
+                nursery.start_soon(drain, peer, sink)
+                await stream.send_all(data)
+                # We half-close: the peer reads EOF; sending is now an error.
+                await stream.send_eof()
+                await stream.send_eof()  # idempotent
+            assert bytes(sink) == data
+            with pytest.raises(trio.ClosedResourceError, match="EOF"):
+                await stream.send_all(b"late")
+        await stream.aclose()
+        await peer.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+
+
+_PEER_PROGRAM = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"ready")
+s.recv(10)  # read a little, then stop reading and wait to be killed
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_peer_process_killed_mid_send(strategy: str) -> None:
+    async with trio_uring.open_manager(
+        arena_size=256 * 1024, slice_size=16 * 1024, strategy=strategy
+    ) as manager:
+        (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+        port = listener.socket.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-c", _PEER_PROGRAM, str(port)])
+        try:
+            with trio.fail_after(20):
+                stream = await listener.accept()
+                got = b""
+                while len(got) < 5:
+                    got += await stream.receive_some()
+                assert got == b"ready"
+                sent = 0
+                broken: BaseException | None = None
+                async with trio.open_nursery() as nursery:
+
+                    async def kill_when_stuck() -> None:
+                        # Kill once the send is under way and blocked: the peer
+                        # stopped reading, so the sends wait for socket space or
+                        # (zero copy) for slices still pinned in its queue.
+                        while sent == 0:
+                            await trio.sleep(0.005)
+                        await trio.sleep(0.1)
+                        proc.send_signal(signal.SIGKILL)
+
+                    nursery.start_soon(kill_when_stuck)
+                    try:
+                        while True:
+                            await stream.send_all(payload(sent, 256 * 1024))
+                            sent += 256 * 1024
+                    except trio.BrokenResourceError as exc:
+                        broken = exc
+                    nursery.cancel_scope.cancel()
+                assert broken is not None
+                _assert_broken_by_reset(broken)
+                await stream.aclose()
+        finally:
+            proc.kill()
+            proc.wait()
+        await listener.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+        await check_ring_usable()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_socket_closed_by_other_code_during_receive(strategy: str) -> None:
+    """Other code closes the trio socket while a receive is in flight.
+
+    The kernel keeps the file open while io_uring holds it, so the receive
+    ends when the peer next acts; it must then end in ClosedResourceError,
+    and the stream must never touch the fd number again (it may already
+    name a new socket)."""
+    async with trio_uring.open_manager(strategy=strategy) as manager:
+        stream, peer = stream_and_peer()
+        fd = stream.fd
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def other_code() -> None:
+                    await trio.sleep(0.01)
+                    stream.socket.close()
+                    await trio.sleep(0.01)
+                    await peer.aclose()
+
+                nursery.start_soon(other_code)
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.receive_some()
+        # A new socket now gets the same fd number: the stream must not use it.
+        a, b = stdlib_pair()
+        try:
+            if fd not in (a.fileno(), b.fileno()):
+                pytest.skip("the fd number was not reused")
+            b.sendall(b"not for the closed stream") if a.fileno() == fd else a.sendall(b"x")
+            with trio.fail_after(5):
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.receive_some()
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.send_all(b"must not reach the new socket")
+        finally:
+            a.close()
+            b.close()
+        await stream.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_aclose_from_other_task_during_send(strategy: str) -> None:
+    async with trio_uring.open_manager(
+        arena_size=128 * 1024, slice_size=16 * 1024, strategy=strategy
+    ) as manager:
+        stream, peer = stream_and_peer()  # the peer never reads: send blocks
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def closer() -> None:
+                    await trio.sleep(0.02)
+                    await stream.aclose()
+
+                nursery.start_soon(closer)
+                with pytest.raises(trio.ClosedResourceError):
+                    while True:
+                        await stream.send_all(payload(0, 1 << 20))
+        await peer.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+        await check_ring_usable()
+
+
+def test_rst_close_helper_sends_reset() -> None:
+    a, b = stdlib_pair()
+    rst_close(b)
+    a.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        a.recv(10)
+    a.close()
+    assert os.name == "posix"
