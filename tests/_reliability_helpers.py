@@ -57,7 +57,7 @@ def available_strategies() -> list[str]:
 def payload(seed: int, n: int) -> bytes:
     """``n`` bytes of content distinct per ``seed`` and per position, so a
     reordered, duplicated or overwritten slice changes the digest."""
-    block = hashlib.sha256(seed.to_bytes(8, "little")).digest()
+    block = hashlib.sha256(seed.to_bytes(8, "little", signed=True)).digest()
     reps = -(-n // 32)
     out = bytearray(block * reps)
     # Stamp the block number every 32 bytes so equal blocks are told apart.
