@@ -289,3 +289,33 @@ async def test_unix_streams_use_copy_instead_of_zero_copy(manager, strategy: str
         assert left.stats().strategy == expected
         await left.send_all(b"over unix")
         assert await right.receive_some(100) == b"over unix"
+
+
+async def test_stream_leaves_zero_copy_when_the_kernel_keeps_copying() -> None:
+    """With the strategy left to the library, loopback's copied notifications
+    switch the stream to plain sends after COPIED_SWITCH_THRESHOLD of them."""
+    from trio_uring._stream import COPIED_SWITCH_THRESHOLD
+
+    if trio_uring.features().strategy in ("copy", "socket"):
+        pytest.skip("no zero-copy strategy runs on this kernel")
+    async with trio_uring.open_manager(slice_size=4096, arena_size=64 * 4096) as manager:
+        assert manager.adaptive
+        left, right = await zc_tcp_pair()
+        received = bytearray()
+        async with left, right:
+
+            async def drain() -> None:
+                async for chunk in right:
+                    received.extend(chunk)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain)
+                for i in range(4 * COPIED_SWITCH_THRESHOLD):
+                    await left.send_all(bytes([i % 256]) * 4096)
+                    await trio.sleep(0)
+                await left.send_eof()
+            stats = left.stats()
+        assert stats.strategy == "copy"
+        assert stats.notifications_copied >= COPIED_SWITCH_THRESHOLD
+        assert stats.notifications < stats.sends
+        assert received == b"".join(bytes([i % 256]) * 4096 for i in range(4 * 32))

@@ -71,13 +71,14 @@ class Operation:
 class SendCounters:
     """Counts of zero-copy sends and their notifications; see ``StreamStats``."""
 
-    __slots__ = ("bytes", "copied", "notifications", "parent", "sends")
+    __slots__ = ("bytes", "consecutive_copied", "copied", "notifications", "parent", "sends")
 
     def __init__(self, parent: SendCounters | None = None) -> None:
         self.sends = 0
         self.bytes = 0
         self.notifications = 0
         self.copied = 0
+        self.consecutive_copied = 0
         self.parent = parent
 
     def sent(self, nbytes: int) -> None:
@@ -89,6 +90,7 @@ class SendCounters:
     def notified(self, copied: bool) -> None:
         self.notifications += 1
         self.copied += copied
+        self.consecutive_copied = self.consecutive_copied + 1 if copied else 0
         if self.parent is not None:
             self.parent.notified(copied)
 
@@ -187,6 +189,8 @@ class IOManager:
                 self.ring.close()
                 raise
         self.strategy = strategy if strategy is not None else self.features.strategy
+        #: True when the library chose the strategy and may adapt it per stream.
+        self.adaptive = strategy is None
         self._check_strategy()
         self.counters = SendCounters()
         self.closed = False

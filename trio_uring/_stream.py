@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import os
 import socket as _stdlib_socket
-from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -22,6 +21,10 @@ from ._util import ConflictDetector
 
 #: As trio's SocketStream: the receive size when ``max_bytes`` is omitted.
 DEFAULT_RECEIVE_SIZE = 65536
+#: Consecutive "copied" zero-copy notifications after which a stream whose
+#: strategy the library chose switches to the ``copy`` strategy, as the
+#: kernel's MSG_ZEROCOPY documentation advises.
+COPIED_SWITCH_THRESHOLD = 32
 #: The most one receive asks the kernel for; ``receive_some`` may always
 #: return less than ``max_bytes``, so larger requests are capped, not refused.
 MAX_RECEIVE_SIZE = 4 * 1024 * 1024
@@ -49,14 +52,13 @@ class StreamStats:
     notifications_zerocopy: int
 
 
-@contextlib.contextmanager
-def _translate_errors(stream: ZeroCopyStream, what: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.ECANCELED or stream._closed or stream._socket_gone():
-            raise trio.ClosedResourceError("the stream was closed while " + what) from exc
-        raise trio.BrokenResourceError(f"{what} failed: {exc.strerror or exc}") from exc
+def _stream_error(
+    stream: ZeroCopyStream, exc: OSError, what: str
+) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """The trio exception for ``exc``, raised ``from exc`` by the caller."""
+    if exc.errno == errno.ECANCELED or stream._closed or stream._socket_gone():
+        return trio.ClosedResourceError("the stream was closed while " + what)
+    return trio.BrokenResourceError(f"{what} failed: {exc.strerror or exc}")
 
 
 def _byte_view(data: object) -> memoryview:
@@ -121,6 +123,10 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             with contextlib.suppress(OSError):
                 socket.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, True)
         self.strategy: SendStrategy = STRATEGY_IMPLS[self._choose_strategy()]
+        # With the strategy left to the library, a zero-copy stream whose
+        # notifications keep saying "copied" switches to plain sends: the
+        # kernel copies anyway, and zero copy only adds its own overhead.
+        self._adaptive = self.manager.adaptive and self.strategy.zero_copy
         arena = self.manager.arena
         self._max_batch = max(1, min(arena.n_slices // 2, _abi.UIO_MAXIOV))
         self.provided_ring = ProvidedRing(
@@ -138,6 +144,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self.msghdr.msg_iov = ffi.cast("struct tu_iovec *", self._iov)
         self._msghdr_address = int(ffi.cast("uintptr_t", self.msghdr))
         self._recv_buffer = ffi.new("char[]", 0)
+        self._recv_address = 0
         self._closed = False
         self._eof_sent = False
         self._send_broken: BaseException | None = None
@@ -211,8 +218,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 return
             try:
-                with _translate_errors(self, "sending"):
-                    await self._send_view(view)
+                await self._send_view(view)
+            except OSError as exc:
+                if self._send_broken is None:
+                    self._send_broken = exc
+                raise _stream_error(self, exc, "sending") from exc
             except BaseException as exc:
                 if self._send_broken is None:
                     self._send_broken = exc
@@ -227,8 +237,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         pos = 0
         while pos < total:
             self._check_open()
+            if self._adaptive and self.counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD:
+                self.strategy = STRATEGY_IMPLS["copy"]
+                self._adaptive = False
             wanted = min(-(-(total - pos) // slice_size), self._max_batch)
-            slices = await manager.acquire_slices(wanted)
+            slices = arena.acquire(wanted) or await manager.acquire_slices(wanted)
             lease = SliceLease(arena, slices)
             try:
                 lengths = []
@@ -264,8 +277,10 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             if self._eof_sent:
                 return
             self._eof_sent = True
-            with _translate_errors(self, "sending EOF"):
+            try:
                 self.socket.shutdown(_stdlib_socket.SHUT_WR)
+            except OSError as exc:
+                raise _stream_error(self, exc, "sending EOF") from exc
 
     # -- receiving --------------------------------------------------------------
 
@@ -285,19 +300,19 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     raise ValueError("max_bytes must be >= 1")
             self._check_open()
             size = min(max_bytes, MAX_RECEIVE_SIZE)
-            with _translate_errors(self, "receiving"):
+            try:
                 if self.manager.ring is None:
                     return await self.socket.recv(size)
                 if len(self._recv_buffer) < size:
                     self._recv_buffer = ffi.new("char[]", size)
-                buf = self._recv_buffer
-                res = await self.manager.submit(
-                    prep_recv, self.fd, int(ffi.cast("uintptr_t", buf)), size
-                )
+                    self._recv_address = int(ffi.cast("uintptr_t", self._recv_buffer))
+                res = await self.manager.submit(prep_recv, self.fd, self._recv_address, size)
                 self._check_open()
                 if res < 0:
                     raise OSError(-res, os.strerror(-res))
-                return ffi.buffer(buf, res)[:]
+                return ffi.buffer(self._recv_buffer, res)[:]
+            except OSError as exc:
+                raise _stream_error(self, exc, "receiving") from exc
 
     # -- lifetime ---------------------------------------------------------------
 
