@@ -318,4 +318,5 @@ async def test_stream_leaves_zero_copy_when_the_kernel_keeps_copying() -> None:
         assert stats.strategy == "copy"
         assert stats.notifications_copied >= COPIED_SWITCH_THRESHOLD
         assert stats.notifications < stats.sends
-        assert received == b"".join(bytes([i % 256]) * 4096 for i in range(4 * 32))
+        expected = (bytes([i % 256]) * 4096 for i in range(4 * COPIED_SWITCH_THRESHOLD))
+        assert received == b"".join(expected)
