@@ -104,7 +104,7 @@ async def test_completions_wake_trio_under_every_setup_flag_set(flags: int) -> N
     try:
         a, b = socket.socketpair()
         with a, b:
-            buf, *args = recv_args(a)
+            _buf, *args = recv_args(a)
 
             async def later() -> None:
                 await trio.sleep(0.05)
