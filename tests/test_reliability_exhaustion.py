@@ -1,0 +1,277 @@
+"""Issue 5, item 3: exhaustion.
+
+An arena of 2 slices shared by 64 streams, a tiny submission queue, a
+completion queue overflowed by a thousand completions at once, an
+``RLIMIT_MEMLOCK`` too small for the arena (in a subprocess without
+``CAP_IPC_LOCK``) and 10,000 concurrent connections through ``serve_tcp``
+(``TRIO_URING_CONNECTIONS``, default 10000).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+import trio
+from _reliability_helpers import (
+    assert_quiet,
+    check_ring_usable,
+    drain,
+    env_int,
+    payload,
+    rng,
+    run_python,
+    settle,
+    stdlib_pair,
+    stream_pair,
+)
+from trio_uring._shim_cffi import lib
+
+import trio_uring
+from trio_uring import _abi
+
+IO_URING = trio_uring.features().io_uring
+needs_io_uring = pytest.mark.skipif(not IO_URING, reason="io_uring is unavailable here")
+
+
+async def _transfer(pairs, sizes, seed: str) -> None:
+    """Send ``sizes[i]`` checked bytes over each pair concurrently."""
+    ok = []
+
+    async def one(i: int, a, b) -> None:
+        data = payload(i, sizes[i])
+        got = bytearray()
+        async with a, b, trio.open_nursery() as nursery:
+            nursery.start_soon(drain, b, got)
+            r = rng(seed, i)
+            pos = 0
+            while pos < len(data):
+                n = r.choice((1, 1000, 16 * 1024, 50_000))
+                await a.send_all(data[pos : pos + n])
+                pos += n
+            await a.send_eof()
+        ok.append(hashlib.sha256(got).digest() == hashlib.sha256(data).digest())
+
+    async with trio.open_nursery() as nursery:
+        for i, (a, b) in enumerate(pairs):
+            nursery.start_soon(one, i, a, b)
+    assert ok == [True] * len(pairs)
+
+
+async def test_two_slice_arena_under_64_streams() -> None:
+    async with trio_uring.open_manager(arena_size=2 * 8192, slice_size=8192) as manager:
+        assert manager.arena.n_slices == 2
+        pairs = [stream_pair() for _ in range(64)]
+        with trio.fail_after(60):
+            await _transfer(pairs, [200_000] * 64, "two-slices")
+        await settle(manager)
+        assert_quiet(manager)
+
+
+@needs_io_uring
+async def test_submission_queue_full() -> None:
+    """entries=2: every few requests the SQ is full and must be flushed."""
+    async with trio_uring.open_manager(entries=2, arena_size=64 * 1024, slice_size=4096) as manager:
+        assert manager.ring is not None and manager.ring.sq_entries == 2
+        pairs = [stream_pair() for _ in range(32)]
+        with trio.fail_after(60):
+            await _transfer(pairs, [100_000] * 32, "sq-full")
+        await settle(manager)
+        assert_quiet(manager)
+
+
+@needs_io_uring
+async def test_completion_queue_overflow() -> None:
+    """2000 receives in flight on a ring with an 8-entry CQ; the peers then
+    write to all of them in one scheduler tick, so the kernel overflows the
+    CQ.  Every completion must still reach its task."""
+    n = env_int("TRIO_URING_CQ_OVERFLOW_OPS", 2000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * n + 1000)), hard))
+    overflowed = []
+    try:
+        async with trio_uring.open_manager(entries=4, arena_size=64 * 1024) as manager:
+            ring = manager.ring
+            assert ring is not None and ring.cq_entries == 8
+            original = ring._kernel_has_more
+
+            def spy() -> bool:
+                if lib.tu_sq_flags(ring._ring) & _abi.IORING_SQ_CQ_OVERFLOW:
+                    overflowed.append(True)
+                return original()
+
+            ring._kernel_has_more = spy  # type: ignore[method-assign]
+            streams, peers = [], []
+            for _ in range(n):
+                a, b = stdlib_pair()
+                streams.append(trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(a)))
+                peers.append(b)
+            results: list[bytes] = [b""] * n
+
+            async def receive(i: int) -> None:
+                results[i] = await streams[i].receive_some(16)
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for i in range(n):
+                        nursery.start_soon(receive, i)
+                    while len(ring.table) < n:
+                        await trio.sleep(0.001)
+                    for i, p in enumerate(peers):  # no checkpoint: one tick
+                        p.send(i.to_bytes(4, "little"))
+            assert results == [i.to_bytes(4, "little") for i in range(n)]
+            for s in streams:
+                await s.aclose()
+            for p in peers:
+                p.close()
+            await settle(manager)
+            assert_quiet(manager)
+            await check_ring_usable()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert overflowed, "the CQ never overflowed; the test did not exercise the overflow path"
+
+
+_MEMLOCK_PROGRAM = """
+import resource, sys, trio, trio_uring
+limit = 512 * 1024
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+
+async def main():
+    try:
+        async with trio_uring.open_manager(arena_size=4 << 20):
+            print("NO ERROR")
+    except trio_uring.MemlockError as exc:
+        print("MEMLOCK:", exc)
+    # The documented fix works under the same limit: a smaller arena.
+    async with trio_uring.open_manager(arena_size=128 * 1024) as m:
+        a, b = trio.socket.socketpair()
+        s1, s2 = trio_uring.ZeroCopyStream(a), trio_uring.ZeroCopyStream(b)
+        await s1.send_all(b"small arena works")
+        print("SMALL:", (await s2.receive_some()).decode(), m.strategy)
+
+trio.run(main)
+"""
+
+
+@needs_io_uring
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+def test_memlock_too_small_gives_clear_error() -> None:
+    """Without CAP_IPC_LOCK, registered buffers count against RLIMIT_MEMLOCK.
+    Root has the capability, so the child drops it (setpriv) before lowering
+    the limit; for a non-root user the limit applies as it is."""
+    prefix = ["setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock"]
+    proc = run_python(_MEMLOCK_PROGRAM, prefix=prefix, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "NO ERROR" not in out, "a 4 MiB arena registered under a 512 KiB RLIMIT_MEMLOCK"
+    line = next(x for x in out.splitlines() if x.startswith("MEMLOCK:"))
+    assert "RLIMIT_MEMLOCK is 512 KiB" in line
+    assert "ulimit -l" in line and "arena_size" in line
+    assert "SMALL: small arena works" in out
+
+
+_CLIENTS_PROGRAM = """
+import sys, trio
+
+async def main(port, n):
+    clients = []
+    limit = trio.Semaphore(512)  # connects in flight; every connection stays open
+
+    async def client(i):
+        async with limit:
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            await s.send_all(i.to_bytes(4, "little"))
+            echo = b""
+            while len(echo) < 4:
+                echo += await s.receive_some(4 - len(echo))
+            assert echo == i.to_bytes(4, "little"), (i, echo)
+        clients.append(s)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(client, i)
+    print("connected", len(clients), flush=True)
+    sys.stdin.readline()  # hold every connection until the server has counted
+
+trio.run(main, int(sys.argv[1]), int(sys.argv[2]))
+"""
+
+
+def _raise_nofile(need: int) -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+        except (ValueError, OSError):
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need} and cannot be raised")
+    else:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    return soft, hard
+
+
+@pytest.mark.slow
+async def test_ten_thousand_connections_through_serve_tcp() -> None:
+    """The clients run in a child process (each side needs n fds); the
+    server holds all n streams open at once before any is closed."""
+    n = env_int("TRIO_URING_CONNECTIONS", 10_000)
+    soft, hard = _raise_nofile(n + 1000)
+    try:
+        async with trio_uring.open_manager() as manager:
+            all_in = trio.Event()
+            handled = 0
+            open_now = peak = 0
+
+            async def handler(stream: trio_uring.ZeroCopyStream) -> None:
+                nonlocal handled, open_now, peak
+                open_now += 1
+                peak = max(peak, open_now)
+                try:
+                    data = b""
+                    while len(data) < 4:
+                        data += await stream.receive_some(4 - len(data))
+                    await stream.send_all(data)
+                    handled += 1
+                    await all_in.wait()
+                finally:
+                    open_now -= 1
+                    await stream.aclose()
+
+            with trio.fail_after(180):
+                async with trio.open_nursery() as nursery:
+                    serve = functools.partial(trio_uring.serve_tcp, host="127.0.0.1", backlog=4096)
+                    (listener,) = await nursery.start(serve, handler, 0)
+                    port = listener.socket.getsockname()[1]
+                    proc = await trio.lowlevel.open_process(
+                        [sys.executable, "-c", _CLIENTS_PROGRAM, str(port), str(n)],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        preexec_fn=lambda: resource.setrlimit(
+                            resource.RLIMIT_NOFILE, (n + 1000, max(hard, n + 1000))
+                        ),
+                    )
+                    line = b""
+                    while not line.endswith(b"\n"):
+                        chunk = await proc.stdout.receive_some(100)
+                        assert chunk, "the client process died"
+                        line += chunk
+                    assert line.split() == [b"connected", str(n).encode()]
+                    while handled < n:
+                        await trio.sleep(0.01)
+                    assert peak == n, f"only {peak} of {n} connections were open at once"
+                    all_in.set()
+                    await proc.stdin.send_all(b"close\n")
+                    assert await proc.wait() == 0
+                    while open_now:
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+            await settle(manager)
+            assert_quiet(manager)
+        print(f"serve_tcp: {n} concurrent connections echoed, {peak} open at once")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
