@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import _abi
 from ._buffers import ProvidedEntry, SliceLease
 from ._manager import ZeroCopySend
-from ._prep import prep_send_zc, prep_sendmsg, prep_sendmsg_zc
+from ._prep import prep_send, prep_send_zc, prep_sendmsg, prep_sendmsg_zc
 from ._ring import Completion, Ring
 
 if TYPE_CHECKING:
@@ -127,20 +127,29 @@ class FixedSingle:
 
 
 class Copy:
-    """SENDMSG of the published entries: the kernel copies, no notification.
+    """SEND/SENDMSG of the published entries: the kernel copies them.
 
-    Used where zero copy cannot work (AF_UNIX) or is not available.
+    Used where zero copy cannot work (AF_UNIX), is not available, or keeps
+    being copied anyway.  A single entry goes out as SEND, which spares the
+    kernel importing a msghdr (measured: the cheaper request on loopback).
     """
 
     name = "copy"
     zero_copy = False
 
     async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
-        entries = stream.provided_ring.consume(stream.manager.arena)
+        arena = stream.manager.arena
+        entries = stream.provided_ring.consume(arena)
         while entries:
-            msg = stream.fill_msghdr(entries)
-            res = _check(await stream.manager.submit(prep_sendmsg, stream.fd, msg, SEND_MSG_FLAGS))
-            stream.counters.sent(res)
+            if len(entries) == 1:
+                entry = entries[0]
+                res = await stream.manager.submit(
+                    prep_send, stream.fd, arena.base + entry.offset, entry.length, SEND_MSG_FLAGS
+                )
+            else:
+                msg = stream.fill_msghdr(entries)
+                res = await stream.manager.submit(prep_sendmsg, stream.fd, msg, SEND_MSG_FLAGS)
+            stream.counters.sent(_check(res))
             entries = remaining_after(entries, res)
 
 
