@@ -31,6 +31,8 @@ _TRANSIENT_ENTER_ERRORS = (errno.EINTR, errno.EAGAIN, errno.EBUSY)
 
 #: ``user_data`` of SQEs whose CQEs nobody waits for (cancel requests).
 IGNORED_USER_DATA = 0
+#: The kernel's limit on SQ entries (IORING_MAX_ENTRIES).
+MAX_ENTRIES = 32768
 
 
 class Completion(Protocol):
@@ -53,6 +55,11 @@ class Ring:
     """
 
     def __init__(self, entries: int = 256, *, cq_entries: int = 0, flags: int = 0) -> None:
+        if not isinstance(entries, int) or not 1 <= entries <= MAX_ENTRIES:
+            raise ValueError(
+                f"entries must be an int from 1 to {MAX_ENTRIES} (the submission queue "
+                f"size; the kernel rounds it up to a power of two), not {entries!r}"
+            )
         self._ring = ffi.new("struct tu_ring *")
         self.closed = True
         if cq_entries:
