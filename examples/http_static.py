@@ -129,10 +129,11 @@ async def serve_connection(stream: trio_uring.ZeroCopyStream, root: Path) -> Non
                     return
                 if isinstance(event, h11.Request):
                     await respond(stream, conn, event, root)
+                # Other events are the request's body (ignored) and its end.
+                if conn.our_state is h11.MUST_CLOSE:
+                    return  # "Connection: close", or HTTP/1.0
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()  # keep-alive: wait for the next request
-                elif conn.our_state is not h11.SEND_RESPONSE:
-                    return  # MUST_CLOSE, or a request body we did not read
         except h11.RemoteProtocolError:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await send_error(stream, conn, 400, "Bad Request")

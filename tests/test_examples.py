@@ -1,0 +1,250 @@
+"""Run every example as a program against a real client.
+
+echo_server against socat and nc, http_static against curl, tls_echo against
+``openssl s_client``, broadcast against its own subscribers, bulk_send on its
+own.  Each server prints its port on its first line; every subprocess has a
+timeout and is killed when its test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import selectors
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+STARTUP_TIMEOUT = 20.0
+CLIENT_TIMEOUT = 30.0
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed; .ci/run installs it with apt-get")
+    return path
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """One line of ``proc``'s stdout, waiting at most ``timeout`` seconds."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise AssertionError(f"no output from {proc.args} within {timeout} s")
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(5)
+        err = proc.stderr.read() if proc.stderr is not None else ""
+        raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{err}")
+    return line
+
+
+@contextlib.contextmanager
+def example(script: str, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple]:
+    """Start ``examples/script``; yield (process, port from its first line)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(EXAMPLES / script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        first = read_line(proc, STARTUP_TIMEOUT)
+        match = re.search(r"\bport (\d+)\b", first)
+        assert match, f"{script} printed no port on its first line: {first!r}"
+        yield proc, int(match.group(1))
+    finally:
+        stop(proc)
+
+
+# -- echo_server ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client", "env"),
+    [
+        ("socat", {}),
+        ("nc", {}),
+        ("socat", {"TRIO_URING_DISABLE": "1"}),
+    ],
+    ids=["socat", "nc", "socat-no-io_uring"],
+)
+def test_echo_server(client: str, env: dict[str, str]) -> None:
+    payload = os.urandom(300_000) + b"\nend\n"
+    with example("echo_server.py", "0", env=env) as (_server, port):
+        if client == "socat":
+            argv = [need("socat"), "-t", "10", "-", f"TCP:127.0.0.1:{port}"]
+        else:
+            argv = [need("nc"), "-N", "127.0.0.1", str(port)]  # -N: shut down at stdin EOF
+        done = subprocess.run(argv, input=payload, capture_output=True, timeout=CLIENT_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert hashlib.sha256(done.stdout).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+# -- http_static ---------------------------------------------------------------
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [need("curl"), "-sS", "--max-time", "30", *args],
+        capture_output=True,
+        timeout=CLIENT_TIMEOUT + 5,
+    )
+
+
+def test_http_static_large_file(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    (root / "sub").mkdir(parents=True)
+    big = root / "sub" / "big file.bin"
+    big.write_bytes(os.urandom(24 << 20) + b"tail")
+    (root / "index.html").write_text("<h1>hello</h1>\n")
+    out = tmp_path / "downloaded"
+    with example("http_static.py", "0", "--root", str(root)) as (_server, port):
+        base = f"http://127.0.0.1:{port}"
+        got = curl("--fail", "-o", str(out), f"{base}/sub/big%20file.bin")
+        assert got.returncode == 0, got.stderr
+        assert out.stat().st_size == big.stat().st_size
+        sha = hashlib.sha256
+        assert sha(out.read_bytes()).hexdigest() == sha(big.read_bytes()).hexdigest()
+
+        # Keep-alive: two requests, one connection.
+        got = curl(
+            "-w",
+            "%{http_code} %{num_connects}\n",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            f"{base}/",
+            f"{base}/index.html",
+        )
+        assert got.stdout.decode().split() == ["200", "1", "200", "0"], got
+
+        head = curl("-I", f"{base}/sub/big%20file.bin")
+        assert f"content-length: {big.stat().st_size}" in head.stdout.decode().lower()
+
+        for path, code in [("/missing", "404"), ("/../../etc/passwd", "404")]:
+            got = curl("--path-as-is", "-o", "/dev/null", "-w", "%{http_code}", base + path)
+            assert got.stdout.decode() == code, (path, got)
+        got = curl("-X", "POST", "-d", "x", "-o", "/dev/null", "-w", "%{http_code}", base + "/")
+        assert got.stdout.decode() == "405"
+
+
+# -- tls_echo --------------------------------------------------------------------
+
+
+def read_until(proc: subprocess.Popen, expected: bytes, timeout: float) -> bytes:
+    """Read ``proc``'s stdout until ``expected`` has all arrived."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    got = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while len(got) < len(expected):
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                break
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def test_tls_echo_with_openssl_s_client(tmp_path: Path) -> None:
+    cafile = tmp_path / "ca.pem"
+    with example("tls_echo.py", "0", "--cafile", str(cafile)) as (_server, port):
+        argv = [
+            need("openssl"), "s_client", "-connect", f"127.0.0.1:{port}",
+            "-CAfile", str(cafile), "-verify_return_error", "-verify_ip", "127.0.0.1",
+            "-quiet",
+        ]  # fmt: skip
+        client = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            assert client.stdin is not None
+            # Hex lines: s_client sends whatever stdin gives it; -quiet turns
+            # off its one-letter commands.
+            message = b"".join(os.urandom(32).hex().encode() + b"\n" for _ in range(2000))
+            client.stdin.write(b"hello over tls\n")
+            client.stdin.flush()
+            assert read_until(client, b"hello over tls\n", 15) == b"hello over tls\n"
+            client.stdin.write(message)
+            client.stdin.flush()
+            echoed = read_until(client, message, 15)
+            assert echoed == message
+        finally:
+            stop(client)
+
+
+# -- broadcast ---------------------------------------------------------------------
+
+
+def test_broadcast_to_subscribers() -> None:
+    n_subs, n_messages, size = 3, 40, 100_000
+    args = ["0", "--subscribers", str(n_subs), "--messages", str(n_messages), "--size", str(size)]
+    with example("broadcast.py", *args) as (publisher, port):
+        subs = [
+            subprocess.Popen(
+                [sys.executable, str(EXAMPLES / "broadcast.py"), "--subscribe", str(port)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(n_subs)
+        ]
+        try:
+            outputs = [sub.communicate(timeout=CLIENT_TIMEOUT) for sub in subs]
+            rest, err = publisher.communicate(timeout=CLIENT_TIMEOUT)
+        finally:
+            for sub in subs:
+                stop(sub)
+    for sub, (out, err) in zip(subs, outputs, strict=True):
+        assert sub.returncode == 0, err
+        assert f"received {n_messages} messages ({n_messages * size} bytes)" in out
+        assert "all intact" in out
+    assert publisher.returncode == 0, err
+    assert f"published {n_messages} messages of {size} bytes" in rest
+    # Every subscriber got the same bytes: header (12 bytes) plus payload each time.
+    per_stream = n_messages * (size + 12)
+    assert rest.count(f": {per_stream} bytes in") == n_subs, rest
+
+
+# -- bulk_send -----------------------------------------------------------------------
+
+
+def test_bulk_send_small() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "bulk_send.py"), "--mib", "16"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "received 16777216 bytes, sha256 matches" in done.stdout
