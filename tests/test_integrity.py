@@ -99,3 +99,24 @@ async def test_thirty_two_streams_share_an_arena_of_eight_slices() -> None:
         with trio.fail_after(10):
             while manager.arena.free_count != manager.arena.n_slices:
                 await trio.sleep(0.005)
+
+
+async def test_many_streams_with_batched_submissions() -> None:
+    async with trio_uring.open_manager(
+        batch_submissions=True, slice_size=4096, arena_size=16 * 4096
+    ) as manager:
+        results: dict[int, bool] = {}
+
+        async def one(i: int) -> None:
+            payload = pattern(50_000 + i * 101, i)
+            stream, peer = await tcp_pair()
+            async with stream, peer:
+                got = await transfer(stream, peer, payload, [4096, 9000])
+            results[i] = got == payload
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(64):
+                    nursery.start_soon(one, i)
+        assert results == {i: True for i in range(64)}
+        assert manager.ring is not None and manager.ring.table == {}

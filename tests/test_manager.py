@@ -222,3 +222,28 @@ async def test_stats_count_enter_calls() -> None:
     before = manager.stats()["io_uring_enter_calls"]
     await manager.submit(prep_nop)
     assert manager.stats()["io_uring_enter_calls"] > before
+
+
+async def test_batched_submissions_share_one_enter_per_tick() -> None:
+    async with trio_uring.open_manager(batch_submissions=True) as manager:
+        assert manager.ring is not None
+        before = manager.ring.enter_calls
+        results: list[int] = []
+
+        async def worker() -> None:
+            for _ in range(10):
+                results.append(await manager.submit(prep_nop))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(100):
+                nursery.start_soon(worker)
+        assert results == [0] * 1000
+        # 100 tasks queue in the same tick: far fewer syscalls than requests.
+        assert manager.ring.enter_calls - before <= 100
+        a, b = socket.socketpair()
+        with a, b:
+            _buf, *args = recv_args(a)
+            with trio.move_on_after(0.05) as scope:
+                await manager.submit(prep_recv, *args)
+            assert scope.cancelled_caught
+        assert manager.ring.table == {}
