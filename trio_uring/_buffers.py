@@ -14,12 +14,16 @@ without one.
 from __future__ import annotations
 
 import mmap
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from . import _abi
 from ._shim_cffi import ffi, lib
+
+#: struct io_uring_buf without its last field (resv, which overlays the tail).
+_BUF_LAYOUT = struct.Struct("<QIH")
 
 
 class MemlockError(OSError):
@@ -231,39 +235,44 @@ class ProvidedRing:
         slice_size = arena.slice_size
         self._put_all(
             arena,
-            (
-                (slice_id * slice_size, length, slice_id)
-                for slice_id, length in zip(slices, lengths, strict=True)
-            ),
+            [slice_id * slice_size for slice_id in slices],
+            lengths,
+            slices,
         )
 
     def republish(self, arena: RegisteredArena, entries: list[ProvidedEntry]) -> None:
         """Publish ``entries`` again (the unsent rest of a partial bundle send)."""
-        self._put_all(arena, ((e.offset, e.length, e.bid) for e in entries))
+        self._put_all(
+            arena,
+            [e.offset for e in entries],
+            [e.length for e in entries],
+            [e.bid for e in entries],
+        )
 
-    def _put_all(self, arena: RegisteredArena, items: Iterable[tuple[int, int, int]]) -> None:
-        bufs, mask, tail = self.bufs, self.mask, self.tail
-        for offset, length, bid in items:
-            if self.fixed:
-                addr = encode_fixed_provided(arena.buf_index, offset)
-            else:
-                addr = arena.base + offset
-            lib.tu_buf_ring_put(bufs, mask, tail, addr, length, bid)
+    def _put_all(
+        self, arena: RegisteredArena, offsets: list[int], lengths: list[int], bids: list[int]
+    ) -> None:
+        bufs, mask, tail, put = self.bufs, self.mask, self.tail, lib.tu_buf_ring_put
+        fixed, buf_index, base = self.fixed, arena.buf_index, arena.base
+        for offset, length, bid in zip(offsets, lengths, bids, strict=True):
+            addr = encode_fixed_provided(buf_index, offset) if fixed else base + offset
+            put(bufs, mask, tail, addr, length, bid)
             tail += 1
         self.tail = tail
         lib.tu_buf_ring_publish(bufs, tail & 0xFFFF)
 
     def consume(self, arena: RegisteredArena) -> list[ProvidedEntry]:
-        """Take every published entry, in ring order."""
+        """Take every published entry, in ring order, as the kernel would read it."""
         out = []
-        bufs, mask = self.bufs, self.mask
+        memory, mask, unpack = self.memory, self.mask, _BUF_LAYOUT.unpack_from
+        fixed, buf_index, base = self.fixed, arena.buf_index, arena.base
         for i in range(self.head, self.tail):
-            buf = bufs[i & mask]
-            if self.fixed:
-                buf_index, offset = decode_fixed_provided(buf.addr)
+            addr, length, bid = unpack(memory, (i & mask) << 4)
+            if fixed:
+                index, offset = decode_fixed_provided(addr)
             else:
-                buf_index, offset = arena.buf_index, buf.addr - arena.base
-            out.append(ProvidedEntry(buf_index, offset, buf.len, buf.bid))
+                index, offset = buf_index, addr - base
+            out.append(ProvidedEntry(index, offset, length, bid))
         self.head = self.tail
         return out
 
