@@ -202,6 +202,8 @@ class IOManager:
         self.batch_submissions = batch_submissions and self.ring is not None
         self._flusher: Any = None
         self._flusher_parked = False
+        self._completer: Any = None
+        self._completer_parked = False
 
     def _check_strategy(self) -> None:
         f = self.features
@@ -280,9 +282,13 @@ class IOManager:
                 raise
             if ring.cq_ready:
                 ring.reap(run_task_work=False)
-            if op.res is not None:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return op.res
+        if ring.table:
+            # Something (this request, or a notification to come) is still
+            # in flight: the completion task has to watch the ring.
+            self._wake_completer()
+        if op.res is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return op.res
         op.task = trio.lowlevel.current_task()
 
         def abort(raise_cancel: Callable[[], Any]) -> trio.lowlevel.Abort:
@@ -303,6 +309,7 @@ class IOManager:
         ring = self._require_ring()
         ms.user_data = prep(ring, ms, *args)
         ring.submit()
+        self._wake_completer()
         return ms
 
     async def next_result(self, ms: Multishot) -> int | None:
@@ -431,13 +438,33 @@ class IOManager:
 
     # -- lifetime -------------------------------------------------------------
 
+    def _wake_completer(self) -> None:
+        if self._completer_parked:
+            self._completer_parked = False
+            _reschedule(self._completer)
+
     async def run(self) -> None:
-        """Dispatch completions until cancelled, then shut down."""
+        """Dispatch completions until cancelled, then shut down.
+
+        While nothing is in flight this task parks instead of polling the
+        ring fd: requests that complete during submission (most sends) then
+        cost trio's epoll nothing, and ``submit`` wakes it when one does not.
+        """
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._completer_parked = False
+            return trio.lowlevel.Abort.SUCCEEDED
+
         try:
             if self.ring is None:
                 await trio.sleep_forever()
             ring = self.ring
+            self._completer = trio.lowlevel.current_task()
             while True:
+                if not ring.table:
+                    self._completer_parked = True
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    continue
                 await trio.lowlevel.wait_readable(ring.wait_fd)
                 ring.reap()
         finally:
