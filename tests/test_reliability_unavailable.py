@@ -8,8 +8,7 @@ same public API: the reliability suite's own bad-input and integrity tests
 are rerun in a subprocess under each, and an echo through ``serve_tcp`` /
 ``open_tcp_stream`` is checked in a fresh interpreter.
 
-Each fallback should also emit exactly one warning naming the reason; the
-library does not warn yet, so that check is an expected failure.
+Each fallback also emits exactly one warning naming the reason.
 """
 
 from __future__ import annotations
@@ -108,10 +107,6 @@ def test_fallback_same_api(mode: str) -> None:
     assert report["intact"] is True
 
 
-@pytest.mark.xfail(
-    reason="the library does not yet warn when it falls back to the socket strategy",
-    strict=False,
-)
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_fallback_warns_exactly_once(mode: str) -> None:
     env, reason_word = MODES[mode]

@@ -14,7 +14,13 @@ from ._highlevel import (
     open_unix_stream,
     serve_tcp,
 )
-from ._manager import IOManager, ManagerClosedError, current_manager, open_manager
+from ._manager import (
+    IOManager,
+    IoUringUnavailableWarning,
+    ManagerClosedError,
+    current_manager,
+    open_manager,
+)
 from ._ring import RingSetupError
 from ._stream import StreamStats, ZeroCopyStream
 
@@ -24,6 +30,7 @@ __all__ = [
     "STRATEGIES",
     "Features",
     "IOManager",
+    "IoUringUnavailableWarning",
     "ManagerClosedError",
     "MemlockError",
     "RingSetupError",

@@ -154,6 +154,28 @@ class Multishot:
         return last
 
 
+class IoUringUnavailableWarning(RuntimeWarning):
+    """io_uring cannot be used here; trio_uring serves with trio sockets."""
+
+
+_fallback_warned = False
+
+
+def _warn_fallback_once(f: Features) -> None:
+    """One warning per process when io_uring is missing, saying why."""
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    warnings.warn(
+        f"trio_uring: io_uring is unavailable ({f.unavailable_reason}); streams use the "
+        "'socket' strategy (trio socket sends, same API, no zero copy). "
+        "Run `python -m trio_uring` for the full report.",
+        IoUringUnavailableWarning,
+        stacklevel=3,
+    )
+
+
 class ManagerClosedError(trio.ClosedResourceError):
     """The I/O manager of this run has shut down."""
 
@@ -181,6 +203,8 @@ class IOManager:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         self.arena = RegisteredArena(arena_size, slice_size)
         self.ring: Ring | None = None
+        if not self.features.io_uring and strategy is None:
+            _warn_fallback_once(self.features)
         if self.features.io_uring and strategy != "socket":
             flags = self.features.setup_flags if setup_flags is None else setup_flags
             self.ring = Ring(entries, flags=flags)
