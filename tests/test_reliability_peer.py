@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import trio
+import trio.testing
 from _reliability_helpers import (
     assert_quiet,
     available_strategies,
@@ -198,10 +199,11 @@ async def test_peer_process_killed_mid_send(strategy: str) -> None:
                     async def kill_when_stuck() -> None:
                         # Kill once the send is under way and blocked: the peer
                         # stopped reading, so the sends wait for socket space or
-                        # (zero copy) for slices still pinned in its queue.
-                        while sent == 0:
+                        # (zero copy) for slices still pinned in its queue.  The
+                        # first send_all may itself be the one that blocks.
+                        while manager.stats()["bytes"] == 0:
                             await trio.sleep(0.005)
-                        await trio.sleep(0.1)
+                        await trio.testing.wait_all_tasks_blocked(0.1)
                         proc.send_signal(signal.SIGKILL)
 
                     nursery.start_soon(kill_when_stuck)

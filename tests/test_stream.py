@@ -320,3 +320,36 @@ async def test_stream_leaves_zero_copy_when_the_kernel_keeps_copying() -> None:
         assert stats.notifications < stats.sends
         expected = (bytes([i % 256]) * 4096 for i in range(4 * COPIED_SWITCH_THRESHOLD))
         assert received == b"".join(expected)
+
+
+async def test_a_stalled_peer_cannot_starve_other_streams(manager) -> None:
+    """Slices sent to a peer that stopped reading stay pinned; one such
+    stream may hold only its share of the arena, so others keep going."""
+    stalled, stalled_peer = await zc_tcp_pair()
+    healthy, healthy_peer = await zc_tcp_pair()
+    arena = manager.arena
+    payload = os.urandom(4 * arena.size)
+    async with stalled, stalled_peer, healthy, healthy_peer:
+        async with trio.open_nursery() as nursery:
+
+            async def flood() -> None:
+                with trio.move_on_after(30):
+                    await stalled.send_all(payload)
+
+            nursery.start_soon(flood)
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            assert arena.free_count >= arena.n_slices - arena.n_slices // 4
+            received = bytearray()
+
+            async def drain() -> None:
+                async for chunk in healthy_peer:
+                    received.extend(chunk)
+
+            nursery.start_soon(drain)
+            with trio.fail_after(20):
+                await healthy.send_all(payload)
+                await healthy.send_eof()
+                while len(received) < len(payload):
+                    await trio.sleep(0.01)
+            assert received == payload
+            nursery.cancel_scope.cancel()

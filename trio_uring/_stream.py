@@ -25,6 +25,8 @@ DEFAULT_RECEIVE_SIZE = 65536
 #: strategy the library chose switches to the ``copy`` strategy, as the
 #: kernel's MSG_ZEROCOPY documentation advises.
 COPIED_SWITCH_THRESHOLD = 32
+#: A stream may hold at most 1/STREAM_ARENA_SHARE of the arena's slices.
+STREAM_ARENA_SHARE = 4
 #: The most one receive asks the kernel for; ``receive_some`` may always
 #: return less than ``max_bytes``, so larger requests are capped, not refused.
 MAX_RECEIVE_SIZE = 4 * 1024 * 1024
@@ -42,6 +44,12 @@ class StreamStats:
     ``IORING_NOTIF_USAGE_ZC_COPIED``: the kernel copied after all (loopback,
     veth, NICs without scatter-gather).  ``notifications_zerocopy`` counts
     the real zero-copy ones.
+
+    A snapshot: notifications arrive after ``send_all`` has returned, so
+    right after a send ``notifications`` may still trail ``sends``.  And
+    once a stream whose strategy the library chose has switched to ``copy``
+    (the kernel kept copying), its later sends get no notification at all:
+    ``strategy`` then reads ``"copy"`` and ``notifications < sends`` for good.
     """
 
     strategy: str
@@ -128,7 +136,14 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         # kernel copies anyway, and zero copy only adds its own overhead.
         self._adaptive = self.manager.adaptive and self.strategy.zero_copy
         arena = self.manager.arena
-        self._max_batch = max(1, min(arena.n_slices // 2, _abi.UIO_MAXIOV))
+        # A stream holds at most a quarter of the arena: slices sent to a peer
+        # that stopped reading stay pinned until it reads (or the connection
+        # dies), and one stalled peer must not starve every other stream.
+        self._slice_limit = max(1, arena.n_slices // STREAM_ARENA_SHARE)
+        self._max_batch = min(self._slice_limit, _abi.UIO_MAXIOV)
+        self._held = 0
+        self._slices_returned = trio.lowlevel.ParkingLot()
+        self._slice_wait: trio.CancelScope | None = None
         self.provided_ring = ProvidedRing(
             ProvidedRing.entries_for(arena.n_slices),
             fixed=self.strategy.zero_copy,
@@ -240,9 +255,13 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             if self._adaptive and self.counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD:
                 self.strategy = STRATEGY_IMPLS["copy"]
                 self._adaptive = False
-            wanted = min(-(-(total - pos) // slice_size), self._max_batch)
-            slices = arena.acquire(wanted) or await manager.acquire_slices(wanted)
-            lease = SliceLease(arena, slices)
+            needed = -(-(total - pos) // slice_size)
+            room = self._slice_limit - self._held
+            slices = arena.acquire(min(needed, self._max_batch, room)) if room > 0 else []
+            if not slices:
+                slices = await self._wait_for_slices(needed)
+            self._held += len(slices)
+            lease = SliceLease(arena, slices, self._lease_released)
             try:
                 lengths = []
                 for slice_id in slices:
@@ -255,6 +274,24 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 await self.strategy.send(self, lease)
             finally:
                 lease.seal()
+
+    async def _wait_for_slices(self, needed: int) -> list[int]:
+        """Backpressure: wait until this stream may hold more slices and the
+        arena has some.  ``aclose`` from another task ends the wait."""
+        with trio.CancelScope() as scope:
+            self._slice_wait = scope
+            try:
+                while self._held >= self._slice_limit:
+                    await self._slices_returned.park()
+                wanted = min(needed, self._max_batch, self._slice_limit - self._held)
+                return await self.manager.acquire_slices(wanted)
+            finally:
+                self._slice_wait = None
+        raise trio.ClosedResourceError("the stream was closed while send_all waited for slices")
+
+    def _lease_released(self, lease: SliceLease) -> None:
+        self._held -= len(lease.slices)
+        self._slices_returned.unpark_all()
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the socket has room (a checkpoint)."""
@@ -324,6 +361,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """
         if not self._closed:
             self._closed = True
+            if self._slice_wait is not None:
+                self._slice_wait.cancel()
             if not self._socket_gone():
                 self.manager.cancel_fd(self.fd)
             if self.bgid is not None:
@@ -333,6 +372,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
     def stats(self) -> StreamStats:
+        """Counts of sends and notifications so far, and the strategy in use."""
         c = self.counters
         return StreamStats(
             strategy=self.strategy.name,
