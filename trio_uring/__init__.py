@@ -45,3 +45,16 @@ __all__ = [
     "open_unix_stream",
     "serve_tcp",
 ]
+
+
+def _fixup_module_metadata() -> None:
+    """Public names report the module users import them from, as trio's do
+    (so tracebacks say ``trio_uring.MemlockError``, not a private module)."""
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("trio_uring."):
+            obj.__module__ = "trio_uring"
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata

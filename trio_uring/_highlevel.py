@@ -92,6 +92,9 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
             return ZeroCopyStream(sock)
 
     async def aclose(self) -> None:
+        """Stop accepting and close the socket; a blocked ``accept`` raises
+        ``trio.ClosedResourceError``.  Connections the kernel accepted but
+        nobody took are closed, not leaked.  Idempotent; a checkpoint."""
         if not self._closed:
             self._closed = True
             if self._multishot is not None:

@@ -232,16 +232,25 @@ class IOManager:
     def _check_strategy(self) -> None:
         f = self.features
         needs = {
-            "fixed-provided-bundle": (f.fixed_provided_send_zc, f.fixed_provided_detail),
-            "vectored-fixed": (f.sendmsg_zc_fixed_vectored, "SENDMSG_ZC with fixed buffers"),
-            "fixed-single": (f.send_zc_fixed, "SEND_ZC with fixed buffers"),
-            "copy": (f.io_uring, "io_uring"),
+            "fixed-provided-bundle": (
+                f.fixed_provided_send_zc,
+                f"SEND_ZC from fixed-provided buffers is {f.fixed_provided_detail}",
+            ),
+            "vectored-fixed": (
+                f.sendmsg_zc_fixed_vectored,
+                "this kernel lacks SENDMSG_ZC with fixed buffers",
+            ),
+            "fixed-single": (f.send_zc_fixed, "this kernel lacks SEND_ZC with fixed buffers"),
+            "copy": (f.io_uring, "io_uring is unavailable"),
             "socket": (True, ""),
         }
-        ok, what = needs[self.strategy]
+        ok, why = needs[self.strategy]
         if not ok or (self.strategy != "socket" and self.ring is None):
-            reason = f.unavailable_reason or f"this kernel lacks {what}"
-            raise ValueError(f"send strategy {self.strategy!r} cannot run here: {reason}")
+            reason = f.unavailable_reason or why
+            raise ValueError(
+                f"send strategy {self.strategy!r} cannot run here: {reason}; leave strategy "
+                f"unset to use the best one available ({f.strategy!r})"
+            )
 
     def _register_arena(self) -> None:
         assert self.ring is not None
