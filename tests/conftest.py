@@ -1,52 +1,18 @@
-"""Shared fixtures: which strategies this kernel runs, and connected pairs."""
+"""Shared fixtures: one test per send strategy this kernel runs, each with its manager."""
 
 from __future__ import annotations
 
-import socket as stdlib_socket
 from collections.abc import AsyncIterator
 
 import pytest
-import trio
+from _streams import runnable_strategies
 
 import trio_uring
-from trio_uring._features import STRATEGIES, features
-
-
-def runnable_strategies() -> list[str]:
-    f = features()
-    runnable = {
-        "fixed-provided-bundle": f.fixed_provided_send_zc,
-        "vectored-fixed": f.sendmsg_zc_fixed_vectored,
-        "fixed-single": f.send_zc_fixed,
-        "copy": f.io_uring,
-        "socket": True,
-    }
-    return [s for s in STRATEGIES if runnable[s]]
 
 
 @pytest.fixture(params=runnable_strategies())
 def strategy(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-async def tcp_pair() -> tuple[trio_uring.ZeroCopyStream, trio.SocketStream]:
-    """A ZeroCopyStream connected to a plain trio SocketStream over loopback."""
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = trio.socket.socket()
-    await client.connect(listener.getsockname())
-    server, _ = await listener.accept()
-    listener.close()
-    return trio_uring.ZeroCopyStream(client), trio.SocketStream(server)
-
-
-async def unix_pair() -> tuple[trio_uring.ZeroCopyStream, trio.SocketStream]:
-    a, b = stdlib_socket.socketpair()
-    return (
-        trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(a)),
-        trio.SocketStream(trio.socket.from_stdlib_socket(b)),
-    )
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import hashlib
 import random
 
 import trio
+from _streams import runnable_strategies, tcp_pair, unix_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trio_uring
-from tests.conftest import runnable_strategies, tcp_pair, unix_pair
 
 SLICE_SIZES = st.sampled_from([4096, 8192, 65536, 1 << 20]) | st.integers(4096, 1 << 20)
 

@@ -14,9 +14,9 @@ import socket as stdlib_socket
 
 import pytest
 import trio
+from _streams import runnable_strategies, tcp_pair
 
 import trio_uring
-from tests.conftest import runnable_strategies, tcp_pair
 
 ZERO_COPY = [s for s in runnable_strategies() if s not in ("copy", "socket")]
 CHUNK = 4096

@@ -10,9 +10,9 @@ import struct
 import pytest
 import trio
 import trio.testing
+from _streams import tcp_pair, unix_pair
 
 import trio_uring
-from tests.conftest import tcp_pair, unix_pair
 
 
 async def zc_tcp_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:

@@ -1,0 +1,42 @@
+"""Stream pairs and the strategies this kernel runs, shared by the tests."""
+
+from __future__ import annotations
+
+import socket as stdlib_socket
+
+import trio
+
+import trio_uring
+from trio_uring._features import STRATEGIES, features
+
+
+def runnable_strategies() -> list[str]:
+    f = features()
+    runnable = {
+        "fixed-provided-bundle": f.fixed_provided_send_zc,
+        "vectored-fixed": f.sendmsg_zc_fixed_vectored,
+        "fixed-single": f.send_zc_fixed,
+        "copy": f.io_uring,
+        "socket": True,
+    }
+    return [s for s in STRATEGIES if runnable[s]]
+
+
+async def tcp_pair() -> tuple[trio_uring.ZeroCopyStream, trio.SocketStream]:
+    """A ZeroCopyStream connected to a plain trio SocketStream over loopback."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = trio.socket.socket()
+    await client.connect(listener.getsockname())
+    server, _ = await listener.accept()
+    listener.close()
+    return trio_uring.ZeroCopyStream(client), trio.SocketStream(server)
+
+
+async def unix_pair() -> tuple[trio_uring.ZeroCopyStream, trio.SocketStream]:
+    a, b = stdlib_socket.socketpair()
+    return (
+        trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(a)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(b)),
+    )
