@@ -8,8 +8,10 @@ documents, so that the measurement compares libraries and not programs:
   passed, half-close, and wait for the sink's count of bytes received;
 * an *echo server*: send back whatever arrives, until the client closes.
 
-Contender names are ``trio`` (``trio.SocketStream``), ``zc:<strategy>``
-(``trio_uring.ZeroCopyStream`` under that send strategy), ``asyncio``,
+Contender names are ``trio`` (``trio.SocketStream``), ``zc:auto``
+(``trio_uring.ZeroCopyStream`` as users get it: the library picks the
+strategy and adapts it per stream), ``zc:<strategy>`` (forced to that send
+strategy), ``asyncio``,
 ``uvloop`` and ``c:send`` / ``c:zc`` (the C reference sender, see
 ``csender.py``).  Python contenders run in a worker process (``worker.py``)
 so that CPU time and memory are the sender's alone.
@@ -35,7 +37,7 @@ from .sink import ACK_SIZE, decode_count
 #: The contender every ratio is computed against.
 BASELINE = "trio"
 #: Contenders in table order; ``zc:*`` is expanded to the runnable strategies.
-ORDER = ("trio", "zc:*", "asyncio", "uvloop", "c:send", "c:zc")
+ORDER = ("trio", "zc:auto", "zc:*", "asyncio", "uvloop", "c:send", "c:zc")
 #: C reference senders run one stream only (a yardstick, not an event loop).
 C_CONTENDERS = ("c:send", "c:zc")
 
@@ -87,8 +89,11 @@ def is_zero_copy(name: str) -> bool:
     return name.startswith("zc:")
 
 
-def strategy_of(name: str) -> str:
-    return name.split(":", 1)[1]
+def strategy_of(name: str) -> str | None:
+    """The strategy to force for ``name``; None for ``zc:auto``, the library's
+    own choice (which also adapts per stream, as users get it)."""
+    strategy = name.split(":", 1)[1]
+    return None if strategy == "auto" else strategy
 
 
 # -- trio and trio_uring ------------------------------------------------------
