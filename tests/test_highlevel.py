@@ -164,3 +164,71 @@ def test_same_program_without_io_uring() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "socket"
+
+
+def test_reuse_port_lets_processes_share_a_port(tmp_path) -> None:
+    """Two processes, each its own trio run and ring, serve one port."""
+    server = textwrap.dedent(
+        """
+        import os, sys, trio, trio_uring
+
+        async def handler(stream):
+            async with stream:
+                await stream.send_all(str(os.getpid()).encode())
+
+        async def main():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(
+                    trio_uring.serve_tcp, handler, int(sys.argv[1]), host="127.0.0.1",
+                    reuse_port=True))
+                print("ready", flush=True)
+                await trio.sleep(20)
+                nursery.cancel_scope.cancel()
+
+        import functools
+        trio.run(main)
+        """
+    )
+    probe = stdlib_socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", server, str(port)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        pids = set()
+        for _ in range(200):
+            with stdlib_socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                pids.add(int(conn.recv(100)))
+            if len(pids) == 2:
+                break
+        assert pids == {p.pid for p in procs}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+async def test_reuse_port_listener_in_process(manager) -> None:
+    (first,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1", reuse_port=True)
+    port = first.socket.getsockname()[1]
+    (second,) = await trio_uring.open_tcp_listeners(port, host="127.0.0.1", reuse_port=True)
+    async with first, second:
+        assert second.socket.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT)
+        client = await trio_uring.open_tcp_stream("127.0.0.1", port)
+        async with client:
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+
+                    async def take(listener: trio_uring.ZeroCopyListener) -> None:
+                        async with await listener.accept():
+                            nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(take, first)
+                    nursery.start_soon(take, second)

@@ -116,11 +116,41 @@ async def open_unix_stream(path: str | bytes) -> ZeroCopyStream:
 
 
 async def open_tcp_listeners(
-    port: int, *, host: str | bytes | None = None, backlog: int | None = None
+    port: int,
+    *,
+    host: str | bytes | None = None,
+    backlog: int | None = None,
+    reuse_port: bool = False,
 ) -> list[ZeroCopyListener]:
-    """Like ``trio.open_tcp_listeners``, returning ``ZeroCopyListener`` objects."""
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
-    return [ZeroCopyListener(listener.socket) for listener in listeners]
+    """Like ``trio.open_tcp_listeners``, returning ``ZeroCopyListener`` objects.
+
+    ``reuse_port=True`` sets ``SO_REUSEPORT`` before binding, so several
+    processes (one trio run and one ring each) can listen on the same port
+    and the kernel spreads connections across them: the way to use every
+    core, since one trio run uses one.
+    """
+    if not reuse_port:
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+        return [ZeroCopyListener(listener.socket) for listener in listeners]
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=_stdlib_socket.SOCK_STREAM, flags=_stdlib_socket.AI_PASSIVE
+    )
+    sockets: list[trio.socket.SocketType] = []
+    try:
+        for family, type_, proto, _, sockaddr in addresses:
+            sock = trio.socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
+            sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEPORT, 1)
+            if family == _stdlib_socket.AF_INET6:
+                sock.setsockopt(_stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 1)
+            await sock.bind(sockaddr)
+            sock.listen(0xFFFF if backlog is None else backlog)
+        return [ZeroCopyListener(sock) for sock in sockets]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
 
 
 async def serve_tcp(
@@ -129,6 +159,7 @@ async def serve_tcp(
     *,
     host: str | bytes | None = None,
     backlog: int | None = None,
+    reuse_port: bool = False,
     handler_nursery: trio.Nursery | None = None,
     task_status: trio.TaskStatus[list[ZeroCopyListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -136,8 +167,9 @@ async def serve_tcp(
 
     Runs until cancelled.  ``task_status.started`` reports the listeners, so
     ``await nursery.start(serve_tcp, handler, 0)`` learns the bound port.
+    ``reuse_port`` is as for ``open_tcp_listeners``.
     """
-    listeners = await open_tcp_listeners(port, host=host, backlog=backlog)
+    listeners = await open_tcp_listeners(port, host=host, backlog=backlog, reuse_port=reuse_port)
     await trio.serve_listeners(
         handler, listeners, handler_nursery=handler_nursery, task_status=task_status
     )
