@@ -80,22 +80,27 @@ def test_every_strategy_and_family_at_the_extremes() -> None:
             run_case(strategy, family, 1 << 20, 1, 2)
 
 
+async def many_streams(count: int, base_size: int, writes: list[int]) -> None:
+    """``count`` concurrent streams through the current manager, each checked."""
+    results: dict[int, bool] = {}
+
+    async def one(i: int) -> None:
+        payload = pattern(base_size + i * 997, i)
+        stream, peer = await tcp_pair()
+        async with stream, peer:
+            got = await transfer(stream, peer, payload, writes)
+        results[i] = got == payload
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(one, i)
+    assert results == {i: True for i in range(count)}
+
+
 async def test_thirty_two_streams_share_an_arena_of_eight_slices() -> None:
     async with trio_uring.open_manager(slice_size=4096, arena_size=8 * 4096) as manager:
-        results: dict[int, bool] = {}
-
-        async def one(i: int) -> None:
-            payload = pattern(200_000 + i * 997, i)
-            stream, peer = await tcp_pair()
-            async with stream, peer:
-                got = await transfer(stream, peer, payload, [1000, 70_000])
-            results[i] = got == payload
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for i in range(32):
-                    nursery.start_soon(one, i)
-        assert results == {i: True for i in range(32)}
+        await many_streams(32, 200_000, [1000, 70_000])
         with trio.fail_after(10):
             while manager.arena.free_count != manager.arena.n_slices:
                 await trio.sleep(0.005)
@@ -105,18 +110,5 @@ async def test_many_streams_with_batched_submissions() -> None:
     async with trio_uring.open_manager(
         batch_submissions=True, slice_size=4096, arena_size=16 * 4096
     ) as manager:
-        results: dict[int, bool] = {}
-
-        async def one(i: int) -> None:
-            payload = pattern(50_000 + i * 101, i)
-            stream, peer = await tcp_pair()
-            async with stream, peer:
-                got = await transfer(stream, peer, payload, [4096, 9000])
-            results[i] = got == payload
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for i in range(64):
-                    nursery.start_soon(one, i)
-        assert results == {i: True for i in range(64)}
+        await many_streams(64, 50_000, [4096, 9000])
         assert manager.ring is not None and manager.ring.table == {}

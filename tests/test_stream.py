@@ -45,6 +45,12 @@ async def clog(stream: trio_uring.ZeroCopyStream) -> None:
         await trio.sleep(0.02)
 
 
+async def drain_into(stream: trio.abc.ReceiveStream, received: bytearray) -> None:
+    """Receive until EOF, appending to ``received``."""
+    async for chunk in stream:
+        received.extend(chunk)
+
+
 def fix_buffers(*streams: trio_uring.ZeroCopyStream) -> None:
     """Fixed socket buffer sizes: no autotuning growing them behind our back."""
     for stream in streams:
@@ -256,13 +262,8 @@ async def test_stats_after_a_bulk_send(manager, strategy: str) -> None:
     payload = os.urandom(8 * manager.arena.slice_size + 123)
     received = bytearray()
     async with left, right:
-
-        async def drain() -> None:
-            async for chunk in right:
-                received.extend(chunk)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(drain)
+            nursery.start_soon(drain_into, right, received)
             for _ in range(4):
                 await left.send_all(payload)
             await left.send_eof()
@@ -303,13 +304,8 @@ async def test_stream_leaves_zero_copy_when_the_kernel_keeps_copying() -> None:
         left, right = await zc_tcp_pair()
         received = bytearray()
         async with left, right:
-
-            async def drain() -> None:
-                async for chunk in right:
-                    received.extend(chunk)
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain)
+                nursery.start_soon(drain_into, right, received)
                 for i in range(4 * COPIED_SWITCH_THRESHOLD):
                     await left.send_all(bytes([i % 256]) * 4096)
                     await trio.sleep(0)
@@ -340,12 +336,7 @@ async def test_a_stalled_peer_cannot_starve_other_streams(manager) -> None:
             await trio.testing.wait_all_tasks_blocked(0.05)
             assert arena.free_count >= arena.n_slices - arena.n_slices // 4
             received = bytearray()
-
-            async def drain() -> None:
-                async for chunk in healthy_peer:
-                    received.extend(chunk)
-
-            nursery.start_soon(drain)
+            nursery.start_soon(drain_into, healthy_peer, received)
             with trio.fail_after(20):
                 await healthy.send_all(payload)
                 await healthy.send_eof()
