@@ -295,7 +295,7 @@ async def test_unix_streams_use_copy_instead_of_zero_copy(manager, strategy: str
 async def test_stream_leaves_zero_copy_when_the_kernel_keeps_copying() -> None:
     """With the strategy left to the library, loopback's copied notifications
     switch the stream to plain sends after COPIED_SWITCH_THRESHOLD of them."""
-    from trio_uring._stream import COPIED_SWITCH_THRESHOLD
+    from trio_uring._stream import COPIED_FALLBACK_STRATEGY, COPIED_SWITCH_THRESHOLD
 
     if trio_uring.features().strategy in ("copy", "socket"):
         pytest.skip("no zero-copy strategy runs on this kernel")
@@ -311,7 +311,7 @@ async def test_stream_leaves_zero_copy_when_the_kernel_keeps_copying() -> None:
                     await trio.sleep(0)
                 await left.send_eof()
             stats = left.stats()
-        assert stats.strategy == "copy"
+        assert stats.strategy == COPIED_FALLBACK_STRATEGY
         assert stats.notifications_copied >= COPIED_SWITCH_THRESHOLD
         assert stats.notifications < stats.sends
         expected = (bytes([i % 256]) * 4096 for i in range(4 * COPIED_SWITCH_THRESHOLD))

@@ -154,7 +154,14 @@ class Copy:
 
 
 class SocketSend:
-    """No io_uring: trio's own socket sends of the published slices."""
+    """trio's own socket sends of the published slices, one ``send`` each.
+
+    The strategy without io_uring, and also where a stream goes when zero
+    copy keeps being copied: measured here, a plain ``send()`` that
+    completes at once costs about half an io_uring SEND request.  (One
+    ``sendmsg`` per batch measured slower at 1 MiB than a ``send`` per
+    slice: 0.86x trio against 1.10x.)
+    """
 
     name = "socket"
     zero_copy = False
