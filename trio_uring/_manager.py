@@ -2,8 +2,10 @@
 
 trio's own I/O manager is private and not pluggable, so this one lives beside
 it: a ``RunVar`` holds one ``IOManager`` per ``trio.run``, created lazily on
-first use (or explicitly by ``open_manager``).  A task waits on the ring's
-fd with ``trio.lowlevel.wait_readable`` and dispatches completions.
+first use (or explicitly by ``open_manager``).  While requests are in
+flight, a task waits on the ring's fd with ``trio.lowlevel.wait_readable``
+and dispatches completions; while none are, it parks, so requests that
+complete during submission cost trio's epoll nothing.
 
 Every operation is awaited through ``IOManager.submit``, which follows the
 model of trio's IOCP backend (``trio/_core/_io_windows.py``,
