@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import operator
 import os
 import socket as _stdlib_socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -237,46 +239,122 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             if not view.nbytes:
                 await trio.lowlevel.checkpoint()
                 return
-            try:
-                await self._send_view(view)
-            except OSError as exc:
-                if self._send_broken is None:
-                    self._send_broken = exc
-                raise _stream_error(self, exc, "sending") from exc
-            except BaseException as exc:
-                if self._send_broken is None:
-                    self._send_broken = exc
-                raise
+            await self._send_guarded(self._send_view, view)
+
+    async def _send_guarded(self, send: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run a send; one that fails or is cancelled part way breaks the
+        stream, since the peer may have received a prefix of the data."""
+        try:
+            await send(*args)
+        except OSError as exc:
+            if self._send_broken is None:
+                self._send_broken = exc
+            raise _stream_error(self, exc, "sending") from exc
+        except BaseException as exc:
+            if self._send_broken is None:
+                self._send_broken = exc
+            raise
+
+    async def _lease(self, needed: int) -> SliceLease:
+        """Slices for up to ``needed`` more slices of data, within this
+        stream's share of the arena, waiting for them if there are none."""
+        self._check_open()
+        arena = self.manager.arena
+        room = self._slice_limit - self._held
+        slices = arena.acquire(min(needed, self._max_batch, room)) if room > 0 else []
+        if not slices:
+            slices = await self._wait_for_slices(needed)
+        self._held += len(slices)
+        return SliceLease(arena, slices, self._lease_released)
+
+    async def _publish_and_send(self, lease: SliceLease, lengths: list[int]) -> None:
+        if self._adaptive and self.counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD:
+            self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
+            self._adaptive = False
+        self.provided_ring.publish(self.manager.arena, lease.slices, lengths)
+        await self.strategy.send(self, lease)
 
     async def _send_view(self, view: memoryview) -> None:
-        manager = self.manager
-        arena = manager.arena
+        arena = self.manager.arena
         slice_size = arena.slice_size
         arena_view = arena.view
         total = view.nbytes
         pos = 0
         while pos < total:
-            self._check_open()
-            if self._adaptive and self.counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD:
-                self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
-                self._adaptive = False
-            needed = -(-(total - pos) // slice_size)
-            room = self._slice_limit - self._held
-            slices = arena.acquire(min(needed, self._max_batch, room)) if room > 0 else []
-            if not slices:
-                slices = await self._wait_for_slices(needed)
-            self._held += len(slices)
-            lease = SliceLease(arena, slices, self._lease_released)
+            lease = await self._lease(-(-(total - pos) // slice_size))
             try:
                 lengths = []
-                for slice_id in slices:
+                for slice_id in lease.slices:
                     n = min(slice_size, total - pos)
                     offset = slice_id * slice_size
                     arena_view[offset : offset + n] = view[pos : pos + n]
                     lengths.append(n)
                     pos += n
-                self.provided_ring.publish(arena, slices, lengths)
-                await self.strategy.send(self, lease)
+                await self._publish_and_send(lease, lengths)
+            finally:
+                lease.seal()
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, nbytes: int) -> AsyncIterator[memoryview]:
+        """Write ``nbytes`` straight into registered memory, then send them.
+
+        ::
+
+            async with stream.reserve(4096) as view:
+                view[:] = produce()        # or sock.recv_into(view), file.readinto(view)
+
+        The block gets a writable memoryview of one arena slice; when it
+        ends normally, all ``nbytes`` are sent as by ``send_all``.  Data
+        produced in place is never copied in user space, which is what makes
+        zero copy a saving rather than a second copy.  ``nbytes`` is at most
+        the manager's ``slice_size``: send larger data in pieces, or open the
+        manager with larger slices.
+
+        The whole block counts as a send in progress (``BusyResourceError``
+        for a concurrent ``send_all``).  Entering it is a cancellation point
+        and may wait for a free slice; the send at the end is a checkpoint.
+        If the block raises, nothing is sent and the stream stays usable; a
+        send that fails or is cancelled breaks the stream, as with
+        ``send_all``.  The view is released when the block ends: keep no
+        other reference to it, because the slice is reused afterwards.
+        """
+        with self._send_conflict:
+            try:
+                nbytes = operator.index(nbytes)
+            except TypeError:
+                raise TypeError(
+                    f"reserve() takes a byte count (int), not {type(nbytes).__name__}"
+                ) from None
+            slice_size = self.manager.arena.slice_size
+            if not 1 <= nbytes <= slice_size:
+                raise ValueError(
+                    f"reserve() takes 1 to slice_size ({slice_size}) bytes, not {nbytes}; "
+                    "send larger data in pieces, or open_manager(slice_size=...) larger"
+                )
+            self._check_can_send()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            lease = await self._lease(1)
+            offset = lease.slices[0] * slice_size
+            view = self.manager.arena.view[offset : offset + nbytes]
+            try:
+                try:
+                    yield view
+                finally:
+                    view.release()
+            except BufferError:
+                # Something still exports the view and could write into the
+                # slice later: it must never go back to the arena.
+                raise RuntimeError(
+                    "an object made from the reserve() view (numpy.frombuffer, "
+                    "ffi.from_buffer) was still alive when the block ended; drop it inside "
+                    "the block. The slice is retired and nothing was sent"
+                ) from None
+            except BaseException:
+                lease.seal()
+                raise
+            try:
+                self._check_can_send()
+                await self._send_guarded(self._publish_and_send, lease, [nbytes])
             finally:
                 lease.seal()
 
