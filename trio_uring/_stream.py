@@ -140,7 +140,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         # With the strategy left to the library, a zero-copy stream whose
         # notifications keep saying "copied" switches to plain sends: the
         # kernel copies anyway, and zero copy only adds its own overhead.
-        # That needs the socket itself, which the manager always has.
         self._adaptive = self.manager.adaptive and self.strategy.zero_copy
         arena = self.manager.arena
         # A stream holds at most a quarter of the arena: slices sent to a peer
