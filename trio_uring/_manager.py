@@ -314,12 +314,10 @@ class IOManager:
             self._schedule_flush()
         else:
             try:
-                ring.submit()
+                ring.submit_and_reap()
             except BaseException:
                 ring.table.pop(user_data, None)
                 raise
-            if ring.cq_ready:
-                ring.reap(run_task_work=False)
         if ring.table:
             # Something (this request, or a notification to come) is still
             # in flight: the completion task has to watch the ring.

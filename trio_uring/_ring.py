@@ -28,6 +28,8 @@ from ._shim_cffi import ffi, lib
 
 _REAP_BATCH = 256
 _TRANSIENT_ENTER_ERRORS = (errno.EINTR, errno.EAGAIN, errno.EBUSY)
+#: sq_flags saying the kernel holds completions not yet in the CQ.
+_MORE_IN_KERNEL = _abi.IORING_SQ_CQ_OVERFLOW | _abi.IORING_SQ_TASKRUN
 
 #: ``user_data`` of SQEs whose CQEs nobody waits for (cancel requests).
 IGNORED_USER_DATA = 0
@@ -78,6 +80,7 @@ class Ring:
         self._ud = ffi.new("uint64_t[]", _REAP_BATCH)
         self._res = ffi.new("int32_t[]", _REAP_BATCH)
         self._flags = ffi.new("uint32_t[]", _REAP_BATCH)
+        self._sq_flags = ffi.new("uint32_t[1]")
         # With DEFER_TASKRUN, completions wait for the task to enter the
         # kernel, and polling the ring fd does not wake anyone: an eventfd
         # registered with the ring is signalled instead.
@@ -182,8 +185,7 @@ class Ring:
             raise OSError(-rc, f"io_uring_enter(GETEVENTS) failed: {os.strerror(-rc)}")
 
     def _kernel_has_more(self) -> bool:
-        sq_flags = lib.tu_sq_flags(self._ring)
-        return bool(sq_flags & (_abi.IORING_SQ_CQ_OVERFLOW | _abi.IORING_SQ_TASKRUN))
+        return bool(lib.tu_sq_flags(self._ring) & _MORE_IN_KERNEL)
 
     def reap(self, *, force_enter: bool = False, run_task_work: bool = True) -> int:
         """Dispatch every available CQE to its table entry; return the count.
@@ -201,22 +203,46 @@ class Ring:
         if force_enter or (run_task_work and self._defer) or self._kernel_has_more():
             self._flush_kernel_side()
         total = 0
-        ring, ud, res, flags, table = self._ring, self._ud, self._res, self._flags, self.table
         while True:
-            n = lib.tu_reap(ring, ud, res, flags, _REAP_BATCH)
-            for i in range(n):
-                user_data = ud[i]
-                entry = table.get(user_data)
-                if entry is not None and entry.complete(res[i], flags[i]):
-                    del table[user_data]
+            n = lib.tu_reap(self._ring, self._ud, self._res, self._flags, _REAP_BATCH)
+            self._dispatch(n)
             total += n
             if n == _REAP_BATCH:
                 continue
             if self._kernel_has_more():
                 self._flush_kernel_side()
-                if lib.tu_cq_ready(ring):
+                if lib.tu_cq_ready(self._ring):
                     continue
             return total
+
+    def submit_and_reap(self) -> None:
+        """``submit`` then ``reap(run_task_work=False)``, in one shim call
+        when nothing unusual happens: the path every request takes."""
+        n = lib.tu_submit_reap(
+            self._ring,
+            self._enter_flags,
+            self._ud,
+            self._res,
+            self._flags,
+            _REAP_BATCH,
+            self._sq_flags,
+        )
+        if n < 0:
+            # A transient enter error: the general path retries and reaps.
+            self.submit()
+            self.reap(run_task_work=False)
+            return
+        self._dispatch(n)
+        if n == _REAP_BATCH or self._sq_flags[0] & _MORE_IN_KERNEL:
+            self.reap(run_task_work=False)
+
+    def _dispatch(self, n: int) -> None:
+        ud, res, flags, table = self._ud, self._res, self._flags, self.table
+        for i in range(n):
+            user_data = ud[i]
+            entry = table.get(user_data)
+            if entry is not None and entry.complete(res[i], flags[i]):
+                del table[user_data]
 
     def wait(self, min_complete: int = 1) -> None:
         """Block in the kernel until ``min_complete`` CQEs are available."""

@@ -200,6 +200,21 @@ uint32_t tu_reap(struct tu_ring *r, uint64_t *user_data, int32_t *res, uint32_t 
     return n;
 }
 
+/* The hot path in one call: submit what is prepared, then reap whatever
+ * completed (often the request just submitted, completed inline).  Returns
+ * the number reaped, or -errno from io_uring_enter with nothing reaped;
+ * *sq_flags tells the caller whether the kernel holds more (overflow,
+ * pending task work). */
+int tu_submit_reap(struct tu_ring *r, uint32_t enter_flags, uint64_t *user_data, int32_t *res,
+                   uint32_t *flags, uint32_t max, uint32_t *sq_flags)
+{
+    int rc = tu_submit(r, 0, enter_flags);
+    if (rc < 0)
+        return rc;
+    *sq_flags = LOAD_ACQUIRE(r->sq_flags);
+    return (int)tu_reap(r, user_data, res, flags, max);
+}
+
 uint32_t tu_cq_ready(struct tu_ring *r)
 {
     return LOAD_ACQUIRE(r->cq_tail) - *r->cq_head;

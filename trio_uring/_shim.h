@@ -134,6 +134,8 @@ int tu_enter(struct tu_ring *r, uint32_t to_submit, uint32_t min_complete, uint3
 int tu_submit(struct tu_ring *r, uint32_t min_complete, uint32_t flags);
 
 uint32_t tu_reap(struct tu_ring *r, uint64_t *user_data, int32_t *res, uint32_t *flags, uint32_t max);
+int tu_submit_reap(struct tu_ring *r, uint32_t enter_flags, uint64_t *user_data, int32_t *res,
+                   uint32_t *flags, uint32_t max, uint32_t *sq_flags);
 uint32_t tu_cq_ready(struct tu_ring *r);
 uint32_t tu_sq_flags(struct tu_ring *r);
 uint32_t tu_cq_overflow(struct tu_ring *r);
