@@ -142,15 +142,19 @@ def test_sqe_fields_are_where_the_kernel_reads_them(ring: Ring) -> None:
 
 
 def test_submit_and_reap_takes_inline_completions_and_drains_overflow() -> None:
-    ring = Ring(64, cq_entries=16)
+    ring = Ring(16, cq_entries=16)
     try:
-        entries = [Collect() for _ in range(40)]
-        for e in entries:
+        first = [Collect() for _ in range(16)]
+        for e in first:
             prep_nop(ring, e)
-        # 40 NOPs complete during submission into a 16-entry CQ: the rest
-        # wait on the kernel's overflow list, and one call still gets them.
+        ring.submit()  # fills the CQ, nothing reaped yet
+        second = [Collect() for _ in range(16)]
+        for e in second:
+            prep_nop(ring, e)
+        # These complete during submission with the CQ full: they wait on
+        # the kernel's overflow list, and the one call still gets them all.
         ring.submit_and_reap()
-        assert all(e.cqes == [(0, 0)] for e in entries)
+        assert all(e.cqes == [(0, 0)] for e in first + second)
         assert ring.table == {}
     finally:
         ring.close()
