@@ -344,3 +344,36 @@ async def test_a_stalled_peer_cannot_starve_other_streams(manager) -> None:
                     await trio.sleep(0.01)
             assert received == payload
             nursery.cancel_scope.cancel()
+
+
+async def test_no_request_names_the_fd_after_aclose(manager) -> None:
+    """aclose cancels a send part way; the send must not be continued on the
+    fd number, which the next socket() may already have been given."""
+    if manager.ring is None:
+        pytest.skip("the socket strategy sends through the closed socket object")
+    left, right = await zc_tcp_pair()
+    fix_buffers(left, right)
+    after_close: list[tuple[object, tuple[object, ...]]] = []
+    submit = manager.submit
+
+    async def recording_submit(prep, *args, op=None):  # type: ignore[no-untyped-def]
+        if left._closed and args and args[0] == left.fd:
+            after_close.append((prep, args))
+        return await submit(prep, *args, op=op)
+
+    manager.submit = recording_submit  # type: ignore[method-assign]
+    try:
+        async with right:
+            async with trio.open_nursery() as nursery:
+
+                async def close_soon() -> None:
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    await left.aclose()
+
+                nursery.start_soon(close_soon)
+                with pytest.raises(trio.ClosedResourceError):
+                    for _ in range(100):
+                        await left.send_all(b"x" * (1 << 20))
+    finally:
+        del manager.submit
+    assert after_close == []

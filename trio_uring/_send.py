@@ -58,6 +58,13 @@ def remaining_after(entries: list[ProvidedEntry], sent: int) -> list[ProvidedEnt
 
 
 class SendStrategy(Protocol):
+    """Sends what is published on a stream's ring.
+
+    Every request names the stream's fd, so before each one (a short send
+    is continued with another) a strategy calls ``stream.check_open()``:
+    once the socket is closed its fd number may already belong to another.
+    """
+
     name: str
     zero_copy: bool
 
@@ -80,6 +87,7 @@ class VectoredFixed:
         arena = stream.manager.arena
         entries = stream.provided_ring.consume(arena)
         while entries:
+            stream.check_open()
             msg = stream.fill_msghdr(entries)
             op = ZeroCopySend(lease, stream.counters, stream.msghdr)
             res = _check(
@@ -108,6 +116,7 @@ class FixedSingle:
         for entry in stream.provided_ring.consume(arena):
             offset, length = entry.offset, entry.length
             while length:
+                stream.check_open()
                 op = ZeroCopySend(lease, stream.counters)
                 res = _check(
                     await stream.manager.submit(
@@ -141,6 +150,7 @@ class Copy:
         arena = stream.manager.arena
         entries = stream.provided_ring.consume(arena)
         while entries:
+            stream.check_open()
             if len(entries) == 1:
                 entry = entries[0]
                 res = await stream.manager.submit(
@@ -209,6 +219,7 @@ class FixedProvidedBundle:
         # The kernel consumes the entries; consume() keeps our head in step.
         entries = pring.consume(arena)
         while entries:
+            stream.check_open()
             op = ZeroCopySend(lease, stream.counters)
             res = _check(await stream.manager.submit(self.prep, stream.fd, stream.bgid, op=op))
             stream.counters.sent(res)

@@ -207,7 +207,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         may already name another socket, so it must never be used again."""
         return self.socket.fileno() != self.fd
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise ``ClosedResourceError`` once the stream or its socket is closed."""
         if self._closed:
             raise trio.ClosedResourceError("this ZeroCopyStream was closed")
         if self._socket_gone():
@@ -217,7 +218,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             )
 
     def _check_can_send(self) -> None:
-        self._check_open()
+        self.check_open()
         if self._eof_sent:
             raise trio.ClosedResourceError("can't send data after sending EOF")
         if self._send_broken is not None:
@@ -257,7 +258,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     async def _lease(self, needed: int) -> SliceLease:
         """Slices for up to ``needed`` more slices of data, within this
         stream's share of the arena, waiting for them if there are none."""
-        self._check_open()
+        self.check_open()
         arena = self.manager.arena
         room = self._slice_limit - self._held
         slices = arena.acquire(min(needed, self._max_batch, room)) if room > 0 else []
@@ -417,7 +418,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     ) from None
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
-            self._check_open()
+            self.check_open()
             size = min(max_bytes, MAX_RECEIVE_SIZE)
             try:
                 if self.manager.ring is None:
@@ -426,7 +427,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     self._recv_buffer = ffi.new("char[]", size)
                     self._recv_address = int(ffi.cast("uintptr_t", self._recv_buffer))
                 res = await self.manager.submit(prep_recv, self.fd, self._recv_address, size)
-                self._check_open()
+                self.check_open()
                 if res < 0:
                     raise OSError(-res, os.strerror(-res))
                 return ffi.buffer(self._recv_buffer, res)[:]
