@@ -158,3 +158,44 @@ def test_submit_and_reap_takes_inline_completions_and_drains_overflow() -> None:
         assert ring.table == {}
     finally:
         ring.close()
+
+
+def test_connect_read_fixed_and_close(ring: Ring, tmp_path) -> None:
+    """The remaining prep functions, each against the kernel."""
+    import mmap
+
+    from trio_uring._prep import prep_close, prep_connect, prep_read_fixed
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        addr = socket.inet_aton("127.0.0.1")
+        port = listener.getsockname()[1]
+        sockaddr = ffi.new("char[16]", b"\x02\x00" + port.to_bytes(2, "big") + addr)
+        connected = Collect()
+        prep_connect(ring, connected, client.fileno(), int(ffi.cast("uintptr_t", sockaddr)), 16)
+        wait_until(ring, lambda: bool(connected.cqes))
+        assert connected.cqes == [(0, 0)]
+        server, _ = listener.accept()
+        server.close()
+        client.close()
+
+    path = tmp_path / "data"
+    path.write_bytes(b"fixed buffers read this")
+    memory = mmap.mmap(-1, 4096)
+    cdata = ffi.from_buffer(memory)
+    iov = ffi.new("struct tu_iovec *", {"iov_base": cdata, "iov_len": 4096})
+    assert ring.register(_abi.IORING_REGISTER_BUFFERS, iov, 1) == 0
+    fd = os.open(path, os.O_RDONLY)
+    read = Collect()
+    prep_read_fixed(ring, read, fd, int(ffi.cast("uintptr_t", cdata)), 4096, 0, 0)
+    wait_until(ring, lambda: bool(read.cqes))
+    assert read.cqes[0][0] == 23 and memory[:23] == b"fixed buffers read this"
+    closed = Collect()
+    prep_close(ring, closed, fd)
+    wait_until(ring, lambda: bool(closed.cqes))
+    assert closed.cqes == [(0, 0)]
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert ring.register(_abi.IORING_UNREGISTER_BUFFERS, ffi.NULL, 0) == 0

@@ -276,10 +276,6 @@ class ProvidedRing:
         self.head = self.tail
         return out
 
-    def advance(self, count: int) -> None:
-        """Record that the kernel consumed ``count`` entries itself."""
-        self.head += count
-
     @property
     def published_tail(self) -> int:
         """The tail as the kernel sees it (read back from shared memory)."""

@@ -106,9 +106,6 @@ class Ring:
     def enter_calls(self) -> int:
         return int(self._ring.enter_calls)
 
-    def new_user_data(self) -> int:
-        return self._next_user_data()
-
     def push(
         self,
         opcode: int,
