@@ -25,19 +25,23 @@ def recv_args(sock: socket.socket, size: int = 64) -> tuple[object, int, int, in
     return buf, sock.fileno(), int(ffi.cast("uintptr_t", buf)), size
 
 
-async def test_ten_thousand_nops_across_a_thousand_tasks() -> None:
-    manager = current_manager()
+async def nops_from_many_tasks(manager: trio_uring.IOManager, tasks: int, each: int) -> None:
+    """``tasks`` tasks submit ``each`` NOPs; every one must succeed."""
     results: list[int] = []
 
     async def worker() -> None:
-        for _ in range(10):
+        for _ in range(each):
             results.append(await manager.submit(prep_nop))
 
     async with trio.open_nursery() as nursery:
-        for _ in range(1000):
+        for _ in range(tasks):
             nursery.start_soon(worker)
-    assert results == [0] * 10_000
+    assert results == [0] * (tasks * each)
     assert manager.ring is not None and manager.ring.table == {}
+
+
+async def test_ten_thousand_nops_across_a_thousand_tasks() -> None:
+    await nops_from_many_tasks(current_manager(), 1000, 10)
 
 
 async def test_submit_is_a_checkpoint_even_when_completed_inline() -> None:
@@ -228,16 +232,7 @@ async def test_batched_submissions_share_one_enter_per_tick() -> None:
     async with trio_uring.open_manager(batch_submissions=True) as manager:
         assert manager.ring is not None
         before = manager.ring.enter_calls
-        results: list[int] = []
-
-        async def worker() -> None:
-            for _ in range(10):
-                results.append(await manager.submit(prep_nop))
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(100):
-                nursery.start_soon(worker)
-        assert results == [0] * 1000
+        await nops_from_many_tasks(manager, 100, 10)
         # 100 tasks queue in the same tick: far fewer syscalls than requests.
         assert manager.ring.enter_calls - before <= 100
         a, b = socket.socketpair()
