@@ -232,3 +232,28 @@ async def test_reuse_port_listener_in_process(manager) -> None:
 
                     nursery.start_soon(take, first)
                     nursery.start_soon(take, second)
+
+
+async def test_two_tasks_accepting_at_once_is_busy(manager) -> None:
+    (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        with pytest.RaisesGroup(pytest.RaisesExc(trio.BusyResourceError, match="accepting")):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(listener.accept)
+                nursery.start_soon(listener.accept)
+
+
+async def test_arena_with_more_slices_than_a_ring_can_hold() -> None:
+    """Up to 65536 slices are allowed; a stream's ring holds one batch."""
+    async with trio_uring.open_manager(arena_size=40000 * 1024, slice_size=1024) as manager:
+        assert manager.arena.n_slices > 32768
+        (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+        async with listener:
+            client = await trio_uring.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+            server = await listener.accept()
+            async with client, server:
+                await client.send_all(b"q" * 5000)
+                got = b""
+                while len(got) < 5000:
+                    got += await server.receive_some()
+                assert got == b"q" * 5000

@@ -242,3 +242,16 @@ async def test_batched_submissions_share_one_enter_per_tick() -> None:
                 await manager.submit(prep_recv, *args)
             assert scope.cancelled_caught
         assert manager.ring.table == {}
+
+
+async def test_refused_strategy_leaves_no_ring_behind() -> None:
+    if trio_uring.features().fixed_provided_send_zc:
+        pytest.skip("this kernel has the fixed-provided send")
+    import os
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(ValueError, match="cannot run here"):
+            async with trio_uring.open_manager(strategy="fixed-provided-bundle"):
+                pass  # pragma: no cover
+    assert len(os.listdir("/proc/self/fd")) == before

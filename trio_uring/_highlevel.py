@@ -12,6 +12,7 @@ import trio
 from ._manager import IOManager, Multishot, current_manager
 from ._prep import prep_accept
 from ._stream import ZeroCopyStream
+from ._util import ConflictDetector
 
 #: accept() errors that concern only the connection being accepted; trio's
 #: SocketListener skips them the same way.
@@ -30,10 +31,6 @@ _IGNORED_ACCEPT_ERRNOS = frozenset(
         errno.ENETUNREACH,
     )
 )
-
-
-def _close_fd(fd: int) -> None:
-    _stdlib_socket.close(fd)
 
 
 class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
@@ -59,9 +56,20 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
         self.manager: IOManager = current_manager()
         self._multishot: Multishot | None = None
         self._closed = False
+        self._accept_conflict = ConflictDetector(
+            "another task is currently accepting on this ZeroCopyListener"
+        )
 
     async def accept(self) -> ZeroCopyStream:
-        """Wait for and return the next connection (a checkpoint)."""
+        """Wait for and return the next connection (a checkpoint).
+
+        One task accepts at a time (``trio.BusyResourceError`` otherwise),
+        as with trio's own listeners.
+        """
+        with self._accept_conflict:
+            return await self._accept()
+
+    async def _accept(self) -> ZeroCopyStream:
         manager = self.manager
         while True:
             if self._closed:
@@ -77,7 +85,7 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
                     self.socket.fileno(),
                     _stdlib_socket.SOCK_CLOEXEC,
                     manager.features.accept_multishot,
-                    ms=Multishot(discard=_close_fd),
+                    ms=Multishot(discard=_stdlib_socket.close),
                 )
             res = await manager.next_result(self._multishot)
             if res is None:
@@ -89,7 +97,11 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
                     continue
                 raise OSError(-res, errno.errorcode.get(-res, str(-res)))
             sock = trio.socket.from_stdlib_socket(_stdlib_socket.socket(fileno=res))
-            return ZeroCopyStream(sock)
+            try:
+                return ZeroCopyStream(sock)
+            except BaseException:
+                sock.close()
+                raise
 
     async def aclose(self) -> None:
         """Stop accepting and close the socket; a blocked ``accept`` raises

@@ -107,13 +107,12 @@ class ZeroCopySend(Operation):
     until the result CQE says none will follow (no ``IORING_CQE_F_MORE``).
     """
 
-    __slots__ = ("counters", "keepalive", "lease")
+    __slots__ = ("counters", "lease")
 
-    def __init__(self, lease: SliceLease, counters: SendCounters, keepalive: object = None):
+    def __init__(self, lease: SliceLease, counters: SendCounters) -> None:
         super().__init__()
         self.lease = lease
         self.counters = counters
-        self.keepalive = keepalive
         lease.hold()
 
     def complete(self, res: int, flags: int) -> bool:
@@ -121,10 +120,10 @@ class ZeroCopySend(Operation):
             self.counters.notified(bool(res & _abi.IORING_NOTIF_USAGE_ZC_COPIED))
             self.lease.drop()
             return True
-        more = Operation.complete(self, res, flags)
-        if more:
+        done = Operation.complete(self, res, flags)
+        if done:
             self.lease.drop()
-        return more
+        return done
 
 
 class Multishot:
@@ -206,6 +205,11 @@ class IOManager:
         self.features: Features = features()
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+        self.strategy = strategy if strategy is not None else self.features.strategy
+        #: True when the library chose the strategy and may adapt it per stream.
+        self.adaptive = strategy is None
+        # Refuse a strategy this kernel lacks before any ring or memory exists.
+        self._check_strategy()
         self.arena = RegisteredArena(arena_size, slice_size)
         self.ring: Ring | None = None
         if not self.features.io_uring and strategy is None:
@@ -218,10 +222,6 @@ class IOManager:
             except BaseException:
                 self.ring.close()
                 raise
-        self.strategy = strategy if strategy is not None else self.features.strategy
-        #: True when the library chose the strategy and may adapt it per stream.
-        self.adaptive = strategy is None
-        self._check_strategy()
         self.counters = SendCounters()
         self.closed = False
         self._free_bgids = deque(range(1, 1 << 16))
@@ -250,7 +250,7 @@ class IOManager:
             "socket": (True, ""),
         }
         ok, why = needs[self.strategy]
-        if not ok or (self.strategy != "socket" and self.ring is None):
+        if not ok:
             reason = f.unavailable_reason or why
             raise ValueError(
                 f"send strategy {self.strategy!r} cannot run here: {reason}; leave strategy "
@@ -309,15 +309,17 @@ class IOManager:
             raise
         if op is None:
             op = Operation()
-        user_data = prep(ring, op, *args)
+        try:
+            user_data = prep(ring, op, *args)
+        except BaseException:
+            op.complete(-errno.ECANCELED, 0)  # never reached the kernel
+            raise
         if self.batch_submissions:
             self._schedule_flush()
         else:
-            try:
-                ring.submit_and_reap()
-            except BaseException:
-                ring.table.pop(user_data, None)
-                raise
+            # If entering the kernel fails, the request stays in the table:
+            # should the kernel take it later, its CQE still ends it.
+            ring.submit_and_reap()
         if ring.table:
             # Something (this request, or a notification to come) is still
             # in flight: the completion task has to watch the ring.

@@ -53,7 +53,7 @@ class Ring:
 
     ``entries`` is the SQ size; the CQ is ``cq_entries`` (default: twice the
     SQ, as the kernel does).  ``flags`` are io_uring_setup flags; the caller
-    decides them (see ``_features.choose_setup_flags``).
+    decides them (``features().setup_flags`` is the probed best).
     """
 
     def __init__(self, entries: int = 256, *, cq_entries: int = 0, flags: int = 0) -> None:
@@ -71,7 +71,6 @@ class Ring:
             raise RingSetupError(-rc, f"io_uring_setup failed: {os.strerror(-rc)}")
         self.closed = False
         self.fd: int = self._ring.fd
-        self.setup_flags = flags
         self.features: int = self._ring.features
         self.sq_entries: int = self._ring.sq_entries
         self.cq_entries: int = self._ring.cq_entries
@@ -87,7 +86,11 @@ class Ring:
         self._defer = bool(flags & _abi.IORING_SETUP_DEFER_TASKRUN)
         self._eventfd = -1
         if self._defer:
-            self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            except OSError:
+                self.close()
+                raise
             arg = ffi.new("int *", self._eventfd)
             rc = lib.tu_register(self.fd, _abi.IORING_REGISTER_EVENTFD, arg, 1)
             if rc < 0:
@@ -240,12 +243,6 @@ class Ring:
             entry = table.get(user_data)
             if entry is not None and entry.complete(res[i], flags[i]):
                 del table[user_data]
-
-    def wait(self, min_complete: int = 1) -> None:
-        """Block in the kernel until ``min_complete`` CQEs are available."""
-        rc = lib.tu_submit(self._ring, min_complete, _abi.IORING_ENTER_GETEVENTS)
-        if rc < 0 and -rc not in _TRANSIENT_ENTER_ERRORS:
-            raise OSError(-rc, f"io_uring_enter failed: {os.strerror(-rc)}")
 
     # -- registration -----------------------------------------------------
 

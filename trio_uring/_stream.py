@@ -150,8 +150,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._held = 0
         self._slices_returned = trio.lowlevel.ParkingLot()
         self._slice_wait: trio.CancelScope | None = None
+        # At most one batch is published at a time.
         self.provided_ring = ProvidedRing(
-            ProvidedRing.entries_for(arena.n_slices),
+            ProvidedRing.entries_for(self._max_batch),
             fixed=self.strategy.zero_copy,
         )
         self.bgid: int | None = None
@@ -343,7 +344,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     view.release()
             except BufferError:
                 # Something still exports the view and could write into the
-                # slice later: it must never go back to the arena.
+                # slice later: it must never go back to the arena.  It no
+                # longer counts against this stream's share either.
+                self._held -= 1
                 raise RuntimeError(
                     "an object made from the reserve() view (numpy.frombuffer, "
                     "ffi.from_buffer) was still alive when the block ended; drop it inside "
