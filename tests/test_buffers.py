@@ -144,3 +144,46 @@ def test_remaining_after_covers_exactly_the_unsent_bytes(lengths: list[int], dat
     assert sum(e.length for e in rest) == total - sent
     flat = [(e.offset + k) for e in entries for k in range(e.length)]
     assert [(e.offset + k) for e in rest for k in range(e.length)] == flat[sent:]
+
+
+async def test_short_bundle_send_finishes_the_partial_entry_before_the_rest() -> None:
+    """The seed-kernel strategy, driven by scripted completions: after a
+    short bundle send the partly sent entry goes out alone, then the
+    untouched entries, each byte once and in order."""
+    from trio_uring._manager import SendCounters
+    from trio_uring._send import FixedProvidedBundle
+
+    arena = RegisteredArena(4 * 1024, 1024)
+    calls: list[tuple[str, int, int]] = []
+    results = iter([1500, 500, 1000])  # bundle: 1.5 entries; the half; bundle: the last
+
+    class Manager:
+        def __init__(self) -> None:
+            self.arena = arena
+
+        async def submit(self, prep, *args, op):  # type: ignore[no-untyped-def]
+            res = next(results)
+            if prep is FixedProvidedBundle.prep:
+                calls.append(("bundle", 0, res))
+            else:
+                calls.append(("single", args[1] - arena.base, args[2]))
+            op.complete(res, 0)
+            return res
+
+    class Stream:
+        fd, bgid = 3, 7
+        manager = Manager()
+        provided_ring = ProvidedRing(4, fixed=True)
+        counters = SendCounters()
+
+        def check_open(self) -> None:
+            pass
+
+    stream = Stream()
+    lease = SliceLease(arena, [0, 1, 2])
+    stream.provided_ring.publish(arena, [0, 1, 2], [1000, 1000, 1000])
+    await FixedProvidedBundle().send(stream, lease)  # type: ignore[arg-type]
+    lease.seal()
+    assert calls == [("bundle", 0, 1500), ("single", 1024 + 500, 500), ("bundle", 0, 1000)]
+    assert stream.counters.bytes == 3000
+    assert lease.released

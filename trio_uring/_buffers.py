@@ -216,7 +216,6 @@ class ProvidedRing:
         self.address: int = int(ffi.cast("uintptr_t", self.bufs))
         self.tail = 0
         self.head = 0
-        self.bgid: int | None = None
 
     @staticmethod
     def entries_for(n_slices: int) -> int:
@@ -238,15 +237,6 @@ class ProvidedRing:
             [slice_id * slice_size for slice_id in slices],
             lengths,
             slices,
-        )
-
-    def republish(self, arena: RegisteredArena, entries: list[ProvidedEntry]) -> None:
-        """Publish ``entries`` again (the unsent rest of a partial bundle send)."""
-        self._put_all(
-            arena,
-            [e.offset for e in entries],
-            [e.length for e in entries],
-            [e.bid for e in entries],
         )
 
     def _put_all(

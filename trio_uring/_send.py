@@ -89,7 +89,7 @@ class VectoredFixed:
         while entries:
             stream.check_open()
             msg = stream.fill_msghdr(entries)
-            op = ZeroCopySend(lease, stream.counters, stream.msghdr)
+            op = ZeroCopySend(lease, stream.counters)
             res = _check(
                 await stream.manager.submit(
                     prep_sendmsg_zc,
@@ -105,6 +105,30 @@ class VectoredFixed:
             entries = remaining_after(entries, res)
 
 
+async def send_fixed_entry(stream: ZeroCopyStream, lease: SliceLease, entry: ProvidedEntry) -> None:
+    """Send one entry with SEND_ZC + FIXED_BUF, continuing short sends."""
+    arena = stream.manager.arena
+    offset, length = entry.offset, entry.length
+    while length:
+        stream.check_open()
+        op = ZeroCopySend(lease, stream.counters)
+        res = _check(
+            await stream.manager.submit(
+                prep_send_zc,
+                stream.fd,
+                arena.base + offset,
+                length,
+                SEND_MSG_FLAGS,
+                ZC_FIXED_FLAGS,
+                entry.buf_index,
+                op=op,
+            )
+        )
+        stream.counters.sent(res)
+        offset += res
+        length -= res
+
+
 class FixedSingle:
     """One SEND_ZC with ``IORING_RECVSEND_FIXED_BUF`` per entry, in order."""
 
@@ -112,27 +136,8 @@ class FixedSingle:
     zero_copy = True
 
     async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
-        arena = stream.manager.arena
-        for entry in stream.provided_ring.consume(arena):
-            offset, length = entry.offset, entry.length
-            while length:
-                stream.check_open()
-                op = ZeroCopySend(lease, stream.counters)
-                res = _check(
-                    await stream.manager.submit(
-                        prep_send_zc,
-                        stream.fd,
-                        arena.base + offset,
-                        length,
-                        SEND_MSG_FLAGS,
-                        ZC_FIXED_FLAGS,
-                        entry.buf_index,
-                        op=op,
-                    )
-                )
-                stream.counters.sent(res)
-                offset += res
-                length -= res
+        for entry in stream.provided_ring.consume(stream.manager.arena):
+            await send_fixed_entry(stream, lease, entry)
 
 
 class Copy:
@@ -191,9 +196,12 @@ class FixedProvidedBundle:
 
     ``IOSQE_BUFFER_SELECT`` with ``IORING_RECVSEND_FIXED_BUF |
     IORING_RECVSEND_BUNDLE`` on the stream's buffer group: one SQE, no iovec,
-    and the kernel resolves each entry's (buffer index, offset).  The kernel
-    consumes every entry it touched, including one it sent only in part; the
-    unsent rest of such an entry is published again.
+    and the kernel resolves each entry's (buffer index, offset).  After a
+    short send the kernel has consumed every entry it touched, including one
+    it sent only in part, while the entries after it stay published.  The
+    rest of that partly sent entry therefore goes out on its own (SEND_ZC
+    from its address) before the next bundle send takes the others: never
+    out of order, never twice.
     """
 
     name = "fixed-provided-bundle"
@@ -214,19 +222,19 @@ class FixedProvidedBundle:
         )
 
     async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
-        pring = stream.provided_ring
-        arena = stream.manager.arena
-        # The kernel consumes the entries; consume() keeps our head in step.
-        entries = pring.consume(arena)
+        # The kernel consumes the entries itself; consume() keeps our head
+        # in step with what it will have taken once everything is sent.
+        entries = stream.provided_ring.consume(stream.manager.arena)
         while entries:
             stream.check_open()
             op = ZeroCopySend(lease, stream.counters)
             res = _check(await stream.manager.submit(self.prep, stream.fd, stream.bgid, op=op))
             stream.counters.sent(res)
-            entries = remaining_after(entries, res)
-            if entries:
-                pring.republish(arena, entries)
-                pring.consume(arena)
+            rest = remaining_after(entries, res)
+            if rest and rest[0] != entries[len(entries) - len(rest)]:
+                await send_fixed_entry(stream, lease, rest[0])
+                rest = rest[1:]
+            entries = rest
 
 
 STRATEGY_IMPLS: dict[str, SendStrategy] = {
