@@ -79,20 +79,17 @@ int tu_setup(struct tu_ring *r, uint32_t entries, uint32_t cq_entries, uint32_t 
 
     char *s = sq, *c = cq;
     r->fd = fd;
-    r->setup_flags = flags;
     r->features = p.features;
     r->sq_entries = p.sq_entries;
     r->cq_entries = p.cq_entries;
     r->sq_head = (uint32_t *)(s + p.sq_off.head);
     r->sq_tail = (uint32_t *)(s + p.sq_off.tail);
     r->sq_flags = (uint32_t *)(s + p.sq_off.flags);
-    r->sq_dropped = (uint32_t *)(s + p.sq_off.dropped);
     r->sq_mask = *(uint32_t *)(s + p.sq_off.ring_mask);
     r->sqe_tail = *r->sq_tail;
     r->sqes = sqes;
     r->cq_head = (uint32_t *)(c + p.cq_off.head);
     r->cq_tail = (uint32_t *)(c + p.cq_off.tail);
-    r->cq_overflow = (uint32_t *)(c + p.cq_off.overflow);
     r->cq_mask = *(uint32_t *)(c + p.cq_off.ring_mask);
     r->cqes = (struct io_uring_cqe *)(c + p.cq_off.cqes);
     r->sq_map = sq;
@@ -223,11 +220,6 @@ uint32_t tu_cq_ready(struct tu_ring *r)
 uint32_t tu_sq_flags(struct tu_ring *r)
 {
     return LOAD_ACQUIRE(r->sq_flags);
-}
-
-uint32_t tu_cq_overflow(struct tu_ring *r)
-{
-    return LOAD_ACQUIRE(r->cq_overflow);
 }
 
 int tu_register(int fd, uint32_t opcode, void *arg, uint32_t nr_args)

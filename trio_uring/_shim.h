@@ -93,20 +93,17 @@ struct tu_msghdr {
 /* One mapped ring.  The pointers point into the kernel-shared mappings. */
 struct tu_ring {
     int fd;
-    uint32_t setup_flags;
     uint32_t features;
     uint32_t sq_entries;
     uint32_t cq_entries;
     uint32_t *sq_head;
     uint32_t *sq_tail;
     uint32_t *sq_flags;
-    uint32_t *sq_dropped;
     uint32_t sq_mask;
     uint32_t sqe_tail;      /* local tail: prepared but not yet published */
     struct io_uring_sqe *sqes;
     uint32_t *cq_head;
     uint32_t *cq_tail;
-    uint32_t *cq_overflow;
     uint32_t cq_mask;
     struct io_uring_cqe *cqes;
     void *sq_map;
@@ -138,7 +135,6 @@ int tu_submit_reap(struct tu_ring *r, uint32_t enter_flags, uint64_t *user_data,
                    uint32_t *flags, uint32_t max, uint32_t *sq_flags);
 uint32_t tu_cq_ready(struct tu_ring *r);
 uint32_t tu_sq_flags(struct tu_ring *r);
-uint32_t tu_cq_overflow(struct tu_ring *r);
 
 int tu_register(int fd, uint32_t opcode, void *arg, uint32_t nr_args);
 
