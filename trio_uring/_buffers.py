@@ -98,9 +98,6 @@ class RegisteredArena:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def offset(self, slice_id: int) -> int:
-        return slice_id * self.slice_size
-
     def acquire(self, max_slices: int) -> list[int]:
         """Take up to ``max_slices`` free slices now; [] if none or others queue first."""
         if self._waiters or not self._free:

@@ -39,7 +39,8 @@ SEND_MSG_FLAGS = _stdlib_socket.MSG_WAITALL | _stdlib_socket.MSG_NOSIGNAL
 ZC_FIXED_FLAGS = _abi.IORING_RECVSEND_FIXED_BUF | _abi.IORING_SEND_ZC_REPORT_USAGE
 
 
-def _check(res: int) -> int:
+def check_result(res: int) -> int:
+    """A CQE's ``res`` as a count, or its ``-errno`` raised as ``OSError``."""
     if res < 0:
         raise OSError(-res, os.strerror(-res))
     return res
@@ -90,7 +91,7 @@ class VectoredFixed:
             stream.check_open()
             msg = stream.fill_msghdr(entries)
             op = ZeroCopySend(lease, stream.counters)
-            res = _check(
+            res = check_result(
                 await stream.manager.submit(
                     prep_sendmsg_zc,
                     stream.fd,
@@ -112,7 +113,7 @@ async def send_fixed_entry(stream: ZeroCopyStream, lease: SliceLease, entry: Pro
     while length:
         stream.check_open()
         op = ZeroCopySend(lease, stream.counters)
-        res = _check(
+        res = check_result(
             await stream.manager.submit(
                 prep_send_zc,
                 stream.fd,
@@ -164,7 +165,7 @@ class Copy:
             else:
                 msg = stream.fill_msghdr(entries)
                 res = await stream.manager.submit(prep_sendmsg, stream.fd, msg, SEND_MSG_FLAGS)
-            stream.counters.sent(_check(res))
+            stream.counters.sent(check_result(res))
             entries = remaining_after(entries, res)
 
 
@@ -228,7 +229,9 @@ class FixedProvidedBundle:
         while entries:
             stream.check_open()
             op = ZeroCopySend(lease, stream.counters)
-            res = _check(await stream.manager.submit(self.prep, stream.fd, stream.bgid, op=op))
+            res = check_result(
+                await stream.manager.submit(self.prep, stream.fd, stream.bgid, op=op)
+            )
             stream.counters.sent(res)
             rest = remaining_after(entries, res)
             if rest and rest[0] != entries[len(entries) - len(rest)]:

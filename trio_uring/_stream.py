@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import errno
 import operator
-import os
 import socket as _stdlib_socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,7 +16,7 @@ from . import _abi
 from ._buffers import ProvidedEntry, ProvidedRing, SliceLease
 from ._manager import IOManager, SendCounters, current_manager
 from ._prep import prep_poll_add, prep_recv
-from ._send import STRATEGY_IMPLS, SendStrategy
+from ._send import STRATEGY_IMPLS, SendStrategy, check_result
 from ._shim_cffi import ffi
 from ._util import ConflictDetector
 
@@ -431,9 +430,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     self._recv_address = int(ffi.cast("uintptr_t", self._recv_buffer))
                 res = await self.manager.submit(prep_recv, self.fd, self._recv_address, size)
                 self.check_open()
-                if res < 0:
-                    raise OSError(-res, os.strerror(-res))
-                return ffi.buffer(self._recv_buffer, res)[:]
+                return ffi.buffer(self._recv_buffer, check_result(res))[:]
             except OSError as exc:
                 raise _stream_error(self, exc, "receiving") from exc
 
