@@ -476,6 +476,13 @@ class IOManager:
 
     # -- lifetime -------------------------------------------------------------
 
+    def start_tasks(self, spawn: Callable[..., object]) -> None:
+        """Start the manager's tasks with ``spawn`` (a nursery's
+        ``start_soon``, or ``spawn_system_task`` for the lazy manager)."""
+        spawn(self.run, name="trio_uring completions")
+        if self.batch_submissions:
+            spawn(self.flush_submissions, name="trio_uring submissions")
+
     def _wake_completer(self) -> None:
         if self._completer_parked:
             self._completer_parked = False
@@ -569,11 +576,7 @@ def current_manager() -> IOManager:
     except LookupError:
         manager = IOManager()
         _MANAGER.set(manager)
-        trio.lowlevel.spawn_system_task(manager.run, name="trio_uring completions")
-        if manager.batch_submissions:
-            trio.lowlevel.spawn_system_task(
-                manager.flush_submissions, name="trio_uring submissions"
-            )
+        manager.start_tasks(trio.lowlevel.spawn_system_task)
     if manager.closed:
         raise ManagerClosedError("the trio_uring I/O manager for this run has shut down")
     return manager
@@ -621,9 +624,7 @@ async def open_manager(
     token = _MANAGER.set(manager)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(manager.run, name="trio_uring completions")
-            if manager.batch_submissions:
-                nursery.start_soon(manager.flush_submissions, name="trio_uring submissions")
+            manager.start_tasks(nursery.start_soon)
             try:
                 yield manager
             finally:
