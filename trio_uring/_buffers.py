@@ -228,22 +228,13 @@ class ProvidedRing:
         """Write one entry per slice, then release-store the new tail."""
         if self.published + len(slices) > self.entries:
             raise RuntimeError("provided ring overflow: more slices published than it holds")
-        slice_size = arena.slice_size
-        self._put_all(
-            arena,
-            [slice_id * slice_size for slice_id in slices],
-            lengths,
-            slices,
-        )
-
-    def _put_all(
-        self, arena: RegisteredArena, offsets: list[int], lengths: list[int], bids: list[int]
-    ) -> None:
         bufs, mask, tail, put = self.bufs, self.mask, self.tail, lib.tu_buf_ring_put
         fixed, buf_index, base = self.fixed, arena.buf_index, arena.base
-        for offset, length, bid in zip(offsets, lengths, bids, strict=True):
+        slice_size = arena.slice_size
+        for slice_id, length in zip(slices, lengths, strict=True):
+            offset = slice_id * slice_size
             addr = encode_fixed_provided(buf_index, offset) if fixed else base + offset
-            put(bufs, mask, tail, addr, length, bid)
+            put(bufs, mask, tail, addr, length, slice_id)
             tail += 1
         self.tail = tail
         lib.tu_buf_ring_publish(bufs, tail & 0xFFFF)
