@@ -381,8 +381,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the socket has room (a checkpoint)."""
         with self._send_conflict:
-            if self._closed:
-                raise trio.ClosedResourceError("this ZeroCopyStream was closed")
+            self.check_open()
             if self.manager.ring is None:
                 await self.socket.wait_writable()
                 return
@@ -394,8 +393,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """Shut down the sending side (``shutdown(SHUT_WR)``); idempotent."""
         with self._send_conflict:
             await trio.lowlevel.checkpoint()
-            if self._closed:
-                raise trio.ClosedResourceError("this ZeroCopyStream was closed")
+            self.check_open()
             if self._eof_sent:
                 return
             self._eof_sent = True
