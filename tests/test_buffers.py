@@ -1,4 +1,4 @@
-"""Arena, lease and provided-ring bookkeeping, without the kernel."""
+"""Arena and provided-ring bookkeeping, without the kernel."""
 
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_uring._buffers import (
-    ProvidedEntry,
     ProvidedRing,
     RegisteredArena,
-    SliceLease,
     decode_fixed_provided,
     encode_fixed_provided,
 )
-from trio_uring._send import remaining_after
+
+
+def entries(ring: ProvidedRing) -> list[tuple[int, int, int]]:
+    """The published entries as (addr, len, bid), read from ring memory."""
+    return [
+        struct.unpack_from("<QIH", ring.memory, (i & ring.mask) * 16)
+        for i in range(ring.head, ring.tail)
+    ]
 
 
 @given(st.integers(0, (1 << 20) - 1), st.integers(0, (1 << 44) - 1))
@@ -37,7 +42,7 @@ def test_fixed_provided_encoding_rejects_what_does_not_fit() -> None:
 def test_ring_memory_matches_struct_io_uring_buf_ring() -> None:
     arena = RegisteredArena(4 * 4096, 4096, buf_index=3)
     ring = ProvidedRing(4, fixed=True)
-    ring.publish(arena, [2, 0], [100, 4096])
+    ring.publish(arena, [(2 * 4096, 100, 2), (0, 4096, 0)])
     raw = bytes(ring.memory[: 4 * 16])
     # struct io_uring_buf { __u64 addr; __u32 len; __u16 bid; __u16 resv; }
     # with the ring tail overlaying resv of entry 0.
@@ -49,28 +54,41 @@ def test_ring_memory_matches_struct_io_uring_buf_ring() -> None:
     assert ring.address % 4096 == 0
 
 
-def test_plain_ring_holds_pointers_and_consumes_in_order() -> None:
+def test_plain_ring_holds_pointers_in_order() -> None:
     arena = RegisteredArena(8 * 1024, 1024)
     ring = ProvidedRing(8, fixed=False)
-    ring.publish(arena, [5, 1, 7], [10, 20, 30])
-    assert struct.unpack_from("<Q", ring.memory, 0)[0] == arena.base + 5 * 1024
-    assert ring.consume(arena) == [
-        ProvidedEntry(0, 5 * 1024, 10, 5),
-        ProvidedEntry(0, 1024, 20, 1),
-        ProvidedEntry(0, 7 * 1024, 30, 7),
+    ring.publish(arena, [(5 * 1024, 10, 5), (1024 + 100, 20, 1), (7 * 1024, 30, 7)])
+    assert entries(ring) == [
+        (arena.base + 5 * 1024, 10, 5),
+        (arena.base + 1024 + 100, 20, 1),
+        (arena.base + 7 * 1024, 30, 7),
     ]
-    assert ring.published == 0 and ring.consume(arena) == []
+    ring.advance(3)
+    assert ring.published == 0 and entries(ring) == []
+    with pytest.raises(RuntimeError, match="underflow"):
+        ring.advance(1)
+
+
+def test_fixed_entries_name_offsets_inside_slices() -> None:
+    arena = RegisteredArena(4 * 4096, 4096)
+    ring = ProvidedRing(4, fixed=True)
+    ring.publish(arena, [(4096 + 17, 100, 1)])
+    addr, length, bid = entries(ring)[0]
+    assert decode_fixed_provided(addr) == (0, 4096 + 17)
+    assert (length, bid) == (100, 1)
 
 
 def test_ring_wraps_and_refuses_overflow() -> None:
     arena = RegisteredArena(4 * 512, 512)
     ring = ProvidedRing(4)
+    segments = [(0, 1, 0), (512, 2, 1), (1024, 3, 2)]
     for round_ in range(5):
-        ring.publish(arena, [0, 1, 2], [1, 2, 3])
-        assert [e.bid for e in ring.consume(arena)] == [0, 1, 2], round_
-    ring.publish(arena, [0, 1, 2, 3], [1, 1, 1, 1])
+        ring.publish(arena, segments)
+        assert [bid for _, _, bid in entries(ring)] == [0, 1, 2], round_
+        ring.advance(3)
+    ring.publish(arena, [*segments, (1536, 1, 3)])
     with pytest.raises(RuntimeError, match="overflow"):
-        ring.publish(arena, [0], [1])
+        ring.publish(arena, [(0, 1, 0)])
 
 
 def test_ring_sizes() -> None:
@@ -86,19 +104,6 @@ def test_arena_validates_its_configuration() -> None:
         RegisteredArena(2 << 30, 1 << 20)
     with pytest.raises(TypeError):
         RegisteredArena(4096.0, 1024)  # type: ignore[arg-type]
-
-
-def test_lease_releases_only_after_seal_and_every_notification() -> None:
-    arena = RegisteredArena(4 * 1024, 1024)
-    slices = arena.acquire(3)
-    lease = SliceLease(arena, slices)
-    lease.hold()  # first send
-    lease.hold()  # a second, short-send continuation
-    lease.drop()  # first notification
-    lease.seal()
-    assert arena.free_count == 1 and not lease.released
-    lease.drop()
-    assert arena.free_count == 4 and lease.released
 
 
 def test_arena_serves_waiters_fifo_without_barging() -> None:
@@ -117,7 +122,7 @@ def test_arena_serves_waiters_fifo_without_barging() -> None:
     assert got[-1] == ("b", [1])
     arena.withdraw(ticket_b)  # already granted: no effect
     arena.release([0, 1])
-    assert got[-1] == ("c", [0]) and arena.free_count == 1
+    assert got[-1] == ("c", [1]) and arena.free_count == 1  # last released, first out
 
 
 def test_withdrawn_waiter_passes_its_turn() -> None:
@@ -129,61 +134,3 @@ def test_withdrawn_waiter_passes_its_turn() -> None:
     arena.withdraw(ticket)
     arena.release([0])
     assert got == ["b"]
-
-
-@given(st.lists(st.integers(1, 5000), min_size=1, max_size=20), st.data())
-def test_remaining_after_covers_exactly_the_unsent_bytes(lengths: list[int], data) -> None:
-    entries = []
-    offset = 0
-    for i, n in enumerate(lengths):
-        entries.append(ProvidedEntry(0, offset, n, i))
-        offset += n + 7
-    total = sum(lengths)
-    sent = data.draw(st.integers(0, total))
-    rest = remaining_after(entries, sent)
-    assert sum(e.length for e in rest) == total - sent
-    flat = [(e.offset + k) for e in entries for k in range(e.length)]
-    assert [(e.offset + k) for e in rest for k in range(e.length)] == flat[sent:]
-
-
-async def test_short_bundle_send_finishes_the_partial_entry_before_the_rest() -> None:
-    """The seed-kernel strategy, driven by scripted completions: after a
-    short bundle send the partly sent entry goes out alone, then the
-    untouched entries, each byte once and in order."""
-    from trio_uring._manager import SendCounters
-    from trio_uring._send import FixedProvidedBundle
-
-    arena = RegisteredArena(4 * 1024, 1024)
-    calls: list[tuple[str, int, int]] = []
-    results = iter([1500, 500, 1000])  # bundle: 1.5 entries; the half; bundle: the last
-
-    class Manager:
-        def __init__(self) -> None:
-            self.arena = arena
-
-        async def submit(self, prep, *args, op):  # type: ignore[no-untyped-def]
-            res = next(results)
-            if prep is FixedProvidedBundle.prep:
-                calls.append(("bundle", 0, res))
-            else:
-                calls.append(("single", args[1] - arena.base, args[2]))
-            op.complete(res, 0)
-            return res
-
-    class Stream:
-        fd, bgid = 3, 7
-        manager = Manager()
-        provided_ring = ProvidedRing(4, fixed=True)
-        counters = SendCounters()
-
-        def check_open(self) -> None:
-            pass
-
-    stream = Stream()
-    lease = SliceLease(arena, [0, 1, 2])
-    stream.provided_ring.publish(arena, [0, 1, 2], [1000, 1000, 1000])
-    await FixedProvidedBundle().send(stream, lease)  # type: ignore[arg-type]
-    lease.seal()
-    assert calls == [("bundle", 0, 1500), ("single", 1024 + 500, 500), ("bundle", 0, 1000)]
-    assert stream.counters.bytes == 3000
-    assert lease.released

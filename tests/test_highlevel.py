@@ -14,11 +14,6 @@ import trio
 import trio.testing
 
 import trio_uring
-from trio_uring import _abi
-from trio_uring._buffers import ProvidedRing, RegisteredArena
-from trio_uring._manager import Operation
-from trio_uring._ring import Ring
-from trio_uring._send import FixedProvidedBundle
 
 
 async def echo(stream: trio_uring.ZeroCopyStream) -> None:
@@ -96,36 +91,6 @@ async def test_listener_rejects_sockets_that_do_not_listen(manager) -> None:
     sock = trio.socket.socket()
     with sock, pytest.raises(ValueError, match="listen"):
         trio_uring.ZeroCopyListener(sock)
-
-
-def test_fixed_provided_bundle_sqe() -> None:
-    """The SQE the seed-patchset strategy submits, byte for byte."""
-    ring = Ring(8)
-    try:
-        arena = RegisteredArena(4 * 4096, 4096)
-        pring = ProvidedRing(4, fixed=True)
-        pring.publish(arena, [1, 3], [4096, 100])
-        FixedProvidedBundle.prep(ring, Operation(), 7, 42)
-        sqe = ring.last_sqe()
-        assert sqe.opcode == _abi.IORING_OP_SEND_ZC
-        assert sqe.flags == _abi.IOSQE_BUFFER_SELECT
-        assert sqe.ioprio == (
-            _abi.IORING_RECVSEND_FIXED_BUF
-            | _abi.IORING_RECVSEND_BUNDLE
-            | _abi.IORING_SEND_ZC_REPORT_USAGE
-        )
-        assert sqe.fd == 7
-        assert sqe.buf_index == 42  # the buffer group, in the buf_group union
-        assert sqe.addr == 0 and sqe.len == 0  # the kernel picks the entries
-        assert sqe.op_flags == stdlib_socket.MSG_WAITALL | stdlib_socket.MSG_NOSIGNAL
-        # ...and the entries it would pick name registered memory, not pointers.
-        entries = pring.consume(arena)
-        assert [(e.buf_index, e.offset, e.length, e.bid) for e in entries] == [
-            (0, 4096, 4096, 1),
-            (0, 3 * 4096, 100, 3),
-        ]
-    finally:
-        ring.close()
 
 
 def test_same_program_without_io_uring() -> None:

@@ -8,6 +8,7 @@ import threading
 import pytest
 import trio
 import trio.testing
+from _streams import tcp_pair
 from trio_uring._shim_cffi import ffi
 
 import trio_uring
@@ -228,20 +229,33 @@ async def test_stats_count_enter_calls() -> None:
     assert manager.stats()["io_uring_enter_calls"] > before
 
 
-async def test_batched_submissions_share_one_enter_per_tick() -> None:
-    async with trio_uring.open_manager(batch_submissions=True) as manager:
+async def test_streams_queued_in_one_tick_share_one_enter() -> None:
+    """A hundred streams that each queue a message in the same tick are
+    flushed together: a hundred send requests, one io_uring_enter."""
+    async with trio_uring.open_manager(strategy="vectored-fixed") as manager:
         assert manager.ring is not None
-        before = manager.ring.enter_calls
-        await nops_from_many_tasks(manager, 100, 10)
-        # 100 tasks queue in the same tick: far fewer syscalls than requests.
-        assert manager.ring.enter_calls - before <= 100
-        a, b = socket.socketpair()
-        with a, b:
-            _buf, *args = recv_args(a)
-            with trio.move_on_after(0.05) as scope:
-                await manager.submit(prep_recv, *args)
-            assert scope.cancelled_caught
-        assert manager.ring.table == {}
+        pairs = [await tcp_pair() for _ in range(100)]
+        sent = trio.Event()
+        ready = [0]
+
+        async def send(stream: trio_uring.ZeroCopyStream) -> None:
+            ready[0] += 1
+            await sent.wait()
+            await stream.send_all(b"x" * 100)
+
+        async with trio.open_nursery() as nursery:
+            for stream, _ in pairs:
+                nursery.start_soon(send, stream)
+            await trio.testing.wait_all_tasks_blocked()
+            before = manager.stats()
+            sent.set()
+        after = manager.stats()
+        assert after["sends"] - before["sends"] == 100
+        assert after["io_uring_enter_calls"] - before["io_uring_enter_calls"] <= 2
+        for stream, peer in pairs:
+            assert await peer.receive_some(100) == b"x" * 100
+            await stream.aclose()
+            await peer.aclose()
 
 
 async def test_refused_strategy_leaves_no_ring_behind() -> None:

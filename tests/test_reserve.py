@@ -108,7 +108,7 @@ async def test_an_exported_view_retires_its_slice(manager) -> None:
             async with stream.reserve(8) as view:
                 kept = ffi.from_buffer(view)  # holds a buffer export of the view
         assert manager.arena.free_count == manager.arena.n_slices - 1
-        assert stream._held == 0  # retired, not counted against the stream
+        assert stream.queue.held == 0  # retired, not counted against the stream
         ffi.release(kept)
 
 

@@ -5,25 +5,21 @@ kernel: the stream layer turns "no slice free" into a trio wait, and the ring
 layer turns registration into syscalls.
 
 The invariant this module exists to keep: a slice returns to the free list
-only when every kernel reference to it is gone, i.e. when the ``SliceLease``
-that holds it is sealed (no more sends will use it) and every send that used
-it has delivered its notification (``IORING_CQE_F_NOTIF``) or completed
-without one.
+only when every reference to it is gone.  ``RegisteredArena.refs`` counts
+them; the stream's ``OutboundQueue`` (``_queue``) keeps the counts: one for
+the slice being filled, one per queued run of bytes in it, one per send in
+flight that reads it, dropped when that send's notification
+(``IORING_CQE_F_NOTIF``) arrives or it completes without promising one.
 """
 
 from __future__ import annotations
 
 import mmap
-import struct
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
 
 from . import _abi
 from ._shim_cffi import ffi, lib
-
-#: struct io_uring_buf without its last field (resv, which overlays the tail).
-_BUF_LAYOUT = struct.Struct("<QIH")
 
 
 class MemlockError(OSError):
@@ -87,8 +83,12 @@ class RegisteredArena:
         self.view = memoryview(self.memory)
         self.cdata = ffi.from_buffer(self.memory)
         self.base: int = int(ffi.cast("uintptr_t", self.cdata))
-        self._free: deque[int] = deque(range(n_slices))
+        # Free slices, taken last in first out: the slice released last is
+        # the one most likely still in the CPU's caches.
+        self._free: list[int] = list(range(n_slices - 1, -1, -1))
         self._waiters: deque[_Ticket] = deque()
+        #: References to each slice, kept by the outbound queues (``_queue``).
+        self.refs = [0] * n_slices
 
     @property
     def free_count(self) -> int:
@@ -97,6 +97,11 @@ class RegisteredArena:
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    @property
+    def available(self) -> bool:
+        """True when ``acquire`` would hand out a slice now."""
+        return bool(self._free) and not self._waiters
 
     def acquire(self, max_slices: int) -> list[int]:
         """Take up to ``max_slices`` free slices now; [] if none or others queue first."""
@@ -107,7 +112,7 @@ class RegisteredArena:
     def _take(self, max_slices: int) -> list[int]:
         free = self._free
         n = min(max_slices, len(free))
-        return [free.popleft() for _ in range(n)]
+        return [free.pop() for _ in range(n)]
 
     def request(self, max_slices: int, grant: Callable[[list[int]], None]) -> _Ticket:
         """Queue for slices; ``grant(slices)`` is called once some are released."""
@@ -133,62 +138,6 @@ class RegisteredArena:
             ticket.grant(self._take(ticket.max_slices))
 
 
-class SliceLease:
-    """Slices of one ``send_all`` batch and the kernel references to them.
-
-    ``hold()`` before each send that reads the slices; ``drop()`` when its
-    notification arrives (or when it completed without promising one);
-    ``seal()`` once no further send will use them.  The slices go back to the
-    arena when sealed and no reference is left, never earlier.
-    """
-
-    __slots__ = ("_on_release", "arena", "pending", "sealed", "slices")
-
-    def __init__(
-        self,
-        arena: RegisteredArena,
-        slices: list[int],
-        on_release: Callable[[SliceLease], None] | None = None,
-    ) -> None:
-        self.arena = arena
-        self.slices = slices
-        self.pending = 0
-        self.sealed = False
-        self._on_release = on_release
-
-    def hold(self) -> None:
-        self.pending += 1
-
-    def drop(self) -> None:
-        self.pending -= 1
-        if self.sealed and not self.pending:
-            self._release()
-
-    def seal(self) -> None:
-        if not self.sealed:
-            self.sealed = True
-            if not self.pending:
-                self._release()
-
-    @property
-    def released(self) -> bool:
-        return self.sealed and not self.pending
-
-    def _release(self) -> None:
-        self.arena.release(self.slices)
-        if self._on_release is not None:
-            self._on_release(self)
-
-
-class ProvidedEntry(NamedTuple):
-    """One provided-buffer entry, decoded."""
-
-    buf_index: int
-    offset: int
-    length: int
-    bid: int
-
-
 class ProvidedRing:
     """A provided-buffer ring: the memory of ``struct io_uring_buf_ring``.
 
@@ -197,9 +146,10 @@ class ProvidedRing:
     a release store.  In ``fixed`` mode an entry's addr is the fixed-provided
     encoding of (registered buffer index, offset); otherwise a plain pointer.
 
-    The kernel consumes entries itself only under the ``fixed-provided-bundle``
-    strategy; every other strategy consumes them here, in ring order, with
-    ``consume`` so that all strategies share one data path.
+    Only the ``fixed-provided-bundle`` strategy publishes entries, because
+    only there does the kernel read them: it consumes them itself, and
+    ``advance`` keeps our head in step with what it took.  Every other
+    strategy hands the kernel addresses straight from the outbound queue.
     """
 
     def __init__(self, entries: int, *, fixed: bool = True) -> None:
@@ -224,35 +174,25 @@ class ProvidedRing:
         """Entries published and not yet consumed."""
         return self.tail - self.head
 
-    def publish(self, arena: RegisteredArena, slices: list[int], lengths: list[int]) -> None:
-        """Write one entry per slice, then release-store the new tail."""
-        if self.published + len(slices) > self.entries:
-            raise RuntimeError("provided ring overflow: more slices published than it holds")
+    def publish(self, arena: RegisteredArena, segments: Iterable[Sequence[int]]) -> None:
+        """Write one entry per ``(arena offset, length, slice id)`` segment,
+        then release-store the new tail."""
         bufs, mask, tail, put = self.bufs, self.mask, self.tail, lib.tu_buf_ring_put
         fixed, buf_index, base = self.fixed, arena.buf_index, arena.base
-        slice_size = arena.slice_size
-        for slice_id, length in zip(slices, lengths, strict=True):
-            offset = slice_id * slice_size
+        for offset, length, slice_id in segments:
+            if tail - self.head >= self.entries:
+                raise RuntimeError("provided ring overflow: more entries published than it holds")
             addr = encode_fixed_provided(buf_index, offset) if fixed else base + offset
             put(bufs, mask, tail, addr, length, slice_id)
             tail += 1
         self.tail = tail
         lib.tu_buf_ring_publish(bufs, tail & 0xFFFF)
 
-    def consume(self, arena: RegisteredArena) -> list[ProvidedEntry]:
-        """Take every published entry, in ring order, as the kernel would read it."""
-        out = []
-        memory, mask, unpack = self.memory, self.mask, _BUF_LAYOUT.unpack_from
-        fixed, buf_index, base = self.fixed, arena.buf_index, arena.base
-        for i in range(self.head, self.tail):
-            addr, length, bid = unpack(memory, (i & mask) << 4)
-            if fixed:
-                index, offset = decode_fixed_provided(addr)
-            else:
-                index, offset = buf_index, addr - base
-            out.append(ProvidedEntry(index, offset, length, bid))
-        self.head = self.tail
-        return out
+    def advance(self, count: int) -> None:
+        """The kernel consumed the next ``count`` published entries."""
+        if count > self.published:
+            raise RuntimeError("provided ring underflow: more entries consumed than published")
+        self.head += count
 
     @property
     def published_tail(self) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from . import _abi
-from ._buffers import MemlockError, RegisteredArena, SliceLease
+from ._buffers import MemlockError, RegisteredArena
 from ._features import STRATEGIES, Features, features
 from ._prep import prep_cancel, prep_cancel_any, prep_cancel_fd
 from ._ring import Ring
@@ -47,6 +47,9 @@ DEFAULT_SLICE_SIZE = 16 * 1024
 DEFAULT_ARENA_SIZE = 4 * 1024 * 1024
 #: How long shutdown waits for outstanding notifications before giving up.
 SHUTDOWN_TIMEOUT = 5.0
+#: Queued bytes past which a stream is flushed at once rather than held for
+#: more messages (see ``IOManager.flush_tick``).
+FLUSH_THRESHOLD = 256 * 1024
 
 _reschedule = trio.lowlevel.reschedule
 
@@ -76,11 +79,20 @@ class Operation:
 class SendCounters:
     """Counts of zero-copy sends and their notifications; see ``StreamStats``."""
 
-    __slots__ = ("bytes", "consecutive_copied", "copied", "notifications", "parent", "sends")
+    __slots__ = (
+        "bytes",
+        "bytes_copied",
+        "consecutive_copied",
+        "copied",
+        "notifications",
+        "parent",
+        "sends",
+    )
 
     def __init__(self, parent: SendCounters | None = None) -> None:
         self.sends = 0
         self.bytes = 0
+        self.bytes_copied = 0
         self.notifications = 0
         self.copied = 0
         self.consecutive_copied = 0
@@ -98,32 +110,6 @@ class SendCounters:
         self.consecutive_copied = self.consecutive_copied + 1 if copied else 0
         if self.parent is not None:
             self.parent.notified(copied)
-
-
-class ZeroCopySend(Operation):
-    """A SEND_ZC/SENDMSG_ZC: a result CQE, then maybe a notification CQE.
-
-    The slices stay held by ``lease`` until the notification arrives, or
-    until the result CQE says none will follow (no ``IORING_CQE_F_MORE``).
-    """
-
-    __slots__ = ("counters", "lease")
-
-    def __init__(self, lease: SliceLease, counters: SendCounters) -> None:
-        super().__init__()
-        self.lease = lease
-        self.counters = counters
-        lease.hold()
-
-    def complete(self, res: int, flags: int) -> bool:
-        if flags & _abi.IORING_CQE_F_NOTIF:
-            self.counters.notified(bool(res & _abi.IORING_NOTIF_USAGE_ZC_COPIED))
-            self.lease.drop()
-            return True
-        done = Operation.complete(self, res, flags)
-        if done:
-            self.lease.drop()
-        return done
 
 
 class Multishot:
@@ -180,6 +166,25 @@ def _warn_fallback_once(f: Features) -> None:
     )
 
 
+def _nothing() -> None:
+    """Queued with ``run_sync_soon`` only to wake trio's I/O wait."""
+
+
+class _TickFlush(trio.abc.Instrument):
+    """Calls ``IOManager.flush_tick`` once per scheduler tick.
+
+    ``before_io_wait`` is trio's public hook that runs exactly once per
+    tick, after every runnable task has run and before trio waits for I/O:
+    the one moment at which a tick's queued bytes are all known.
+    """
+
+    def __init__(self, manager: IOManager) -> None:
+        self.manager = manager
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.manager.flush_tick(timeout)
+
+
 class ManagerClosedError(trio.ClosedResourceError):
     """The I/O manager of this run has shut down."""
 
@@ -200,7 +205,6 @@ class IOManager:
         slice_size: int = DEFAULT_SLICE_SIZE,
         strategy: str | None = None,
         setup_flags: int | None = None,
-        batch_submissions: bool = False,
     ) -> None:
         self.features: Features = features()
         if strategy is not None and strategy not in STRATEGIES:
@@ -226,11 +230,16 @@ class IOManager:
         self.closed = False
         self._free_bgids = deque(range(1, 1 << 16))
         self._registered_bgids: set[int] = set()
-        #: Per-tick submission: requests are queued and one task submits the
-        #: whole batch with one io_uring_enter (see ``flush_submissions``).
-        self.batch_submissions = batch_submissions and self.ring is not None
-        self._flusher: Any = None
-        self._flusher_parked = False
+        #: Scheduler ticks seen (``flush_tick`` counts them).
+        self.tick = 0
+        #: Streams with queued bytes to flush at the end of this tick.
+        self._flush_list: list[Any] = []
+        #: Stream send requests whose result CQE has not arrived.
+        self.sends_in_flight = 0
+        #: Set when a completion or flush made a task runnable.
+        self.woke_tasks = False
+        self._instrument: _TickFlush | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
         self._completer: Any = None
         self._completer_parked = False
 
@@ -314,16 +323,9 @@ class IOManager:
         except BaseException:
             op.complete(-errno.ECANCELED, 0)  # never reached the kernel
             raise
-        if self.batch_submissions:
-            self._schedule_flush()
-        else:
-            # If entering the kernel fails, the request stays in the table:
-            # should the kernel take it later, its CQE still ends it.
-            ring.submit_and_reap()
-        if ring.table:
-            # Something (this request, or a notification to come) is still
-            # in flight: the completion task has to watch the ring.
-            self._wake_completer()
+        # If entering the kernel fails, the request stays in the table:
+        # should the kernel take it later, its CQE still ends it.
+        self.submit_prepared()
         if op.res is not None:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return op.res
@@ -435,6 +437,7 @@ class IOManager:
         def grant(s: list[int]) -> None:
             granted.extend(s)
             _reschedule(task)
+            self.woke_tasks = True
 
         ticket = self.arena.request(max_slices, grant)
 
@@ -445,34 +448,66 @@ class IOManager:
         await trio.lowlevel.wait_task_rescheduled(abort)
         return granted
 
-    def _schedule_flush(self) -> None:
-        if self._flusher_parked:
-            self._flusher_parked = False
-            _reschedule(self._flusher)
+    # -- the outbound queues' flush -------------------------------------------
 
-    async def flush_submissions(self) -> None:
-        """Submit each scheduler tick's queued requests with one syscall.
+    def schedule_flush(self, stream: Any) -> None:
+        """Flush ``stream``'s queue at the end of this scheduler tick."""
+        stream.flush_pending = True
+        self._flush_list.append(stream)
 
-        Runs only with ``batch_submissions``: tasks queue their SQEs and
-        park; this task runs after them, enters the kernel once, and reaps
-        what completed inline, waking those tasks.
-        """
+    def submit_prepared(self) -> None:
+        """Enter the kernel with every prepared SQE and dispatch what
+        completed meanwhile; make the completion task watch the ring while
+        anything is left in flight."""
         ring = self.ring
         assert ring is not None
-        self._flusher = trio.lowlevel.current_task()
+        ring.submit_and_reap()
+        if ring.table:
+            self._wake_completer()
 
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._flusher_parked = False
-            return trio.lowlevel.Abort.SUCCEEDED
+    def flush_tick(self, timeout: float) -> None:
+        """Once per scheduler tick, before trio waits for I/O: one request per
+        stream with queued bytes, all in one ``io_uring_enter``.
 
-        while True:
-            if not ring.sq_pending:
-                self._flusher_parked = True
-                await trio.lowlevel.wait_task_rescheduled(abort)
-            ring.submit()
-            if ring.cq_ready:
-                ring.reap(run_task_work=False)
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        Coalescing: a stream that queued bytes in this tick *and* the one
+        before (a producer in full flow) is held for another tick while its
+        queue is under ``FLUSH_THRESHOLD``, so its small messages go out
+        together.  Anything else is flushed now: a stream whose producer
+        queued once (a response) goes out at the end of the very tick it was
+        queued in, and when trio is about to sleep (``timeout > 0``) nothing
+        is held at all.  Runs inside trio's scheduler, so it never raises:
+        a stream whose flush fails is failed instead.
+        """
+        tick = self.tick
+        self.tick = tick + 1
+        pending = self._flush_list
+        if not pending or self.closed:
+            return
+        about_to_sleep = timeout > 0
+        self._flush_list = held = []
+        self.woke_tasks = False
+        for stream in pending:
+            if (
+                not about_to_sleep
+                and stream.last_tick == tick
+                and stream.streak > 1
+                and stream.queue.nbytes < FLUSH_THRESHOLD
+            ):
+                held.append(stream)
+                continue
+            stream.flush_pending = False
+            stream.flush()
+        if self.ring is not None and self.ring.sq_pending:
+            try:
+                self.submit_prepared()
+            except OSError as exc:
+                for stream in pending:
+                    if stream.in_flight is not None:
+                        stream.fail(exc)
+        if about_to_sleep and self.woke_tasks and self._token is not None:
+            # trio chose to sleep before this hook made tasks runnable:
+            # wake its I/O wait so that they run now.
+            self._token.run_sync_soon(_nothing)
 
     # -- lifetime -------------------------------------------------------------
 
@@ -480,13 +515,15 @@ class IOManager:
         """Start the manager's tasks with ``spawn`` (a nursery's
         ``start_soon``, or ``spawn_system_task`` for the lazy manager)."""
         spawn(self.run, name="trio_uring completions")
-        if self.batch_submissions:
-            spawn(self.flush_submissions, name="trio_uring submissions")
+        self._token = trio.lowlevel.current_trio_token()
+        self._instrument = _TickFlush(self)
+        trio.lowlevel.add_instrument(self._instrument)
 
     def _wake_completer(self) -> None:
         if self._completer_parked:
             self._completer_parked = False
             _reschedule(self._completer)
+            self.woke_tasks = True
 
     async def run(self) -> None:
         """Dispatch completions until cancelled, then shut down.
@@ -517,14 +554,34 @@ class IOManager:
                 await self.aclose()
 
     async def aclose(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
-        """Cancel what is in flight, wait for every CQE and notification,
-        undo registrations and close the ring.  Idempotent."""
+        """Hand every queued byte to the kernel, then cancel what is in
+        flight, wait for every CQE and notification, undo registrations and
+        close the ring.  Idempotent.
+
+        Queued bytes are flushed and their sends awaited for up to
+        ``timeout`` seconds (a peer that does not read holds them back);
+        what is still in flight after that is cancelled.
+        """
         if self.closed:
             return
-        self.closed = True
+        if self._instrument is not None:
+            trio.lowlevel.remove_instrument(self._instrument)
+            self._instrument = None
         ring = self.ring
         if ring is None:
+            self.closed = True
             return
+        with trio.move_on_after(timeout):
+            while self._flush_list or self.sends_in_flight:
+                pending, self._flush_list = self._flush_list, []
+                for stream in pending:
+                    stream.flush_pending = False
+                    stream.flush()
+                self.submit_prepared()
+                if self.sends_in_flight:
+                    await trio.lowlevel.wait_readable(ring.wait_fd)
+                    ring.reap()
+        self.closed = True
         if ring.table:
             prep_cancel_any(ring)
             ring.submit()
@@ -556,6 +613,7 @@ class IOManager:
             "strategy": self.strategy,
             "sends": c.sends,
             "bytes": c.bytes,
+            "bytes_copied": c.bytes_copied,
             "notifications": c.notifications,
             "notifications_copied": c.copied,
             "notifications_zerocopy": c.notifications - c.copied,
@@ -590,18 +648,16 @@ async def open_manager(
     slice_size: int = DEFAULT_SLICE_SIZE,
     strategy: str | None = None,
     setup_flags: int | None = None,
-    batch_submissions: bool = False,
 ) -> AsyncIterator[IOManager]:
     """Run a configured I/O manager for the enclosed block.
 
     ``entries`` sizes the SQ; the registered arena is ``arena_size`` bytes
     in slices of ``slice_size``.  ``strategy`` forces a send strategy (no
-    adaptation), ``setup_flags`` the io_uring setup flags, and
-    ``batch_submissions`` submits each scheduler tick's requests together
-    instead of one io_uring_enter per request (see the performance notes).
+    adaptation), ``setup_flags`` the io_uring setup flags.
 
-    Streams created inside use it.  On exit, in-flight requests are
-    cancelled, outstanding notifications awaited and the ring closed.  Only
+    Streams created inside use it.  On exit, queued bytes are handed to the
+    kernel, in-flight requests cancelled, outstanding notifications awaited
+    and the ring closed.  Only
     one manager serves a run at a time: open it before creating streams.
     """
     try:
@@ -619,7 +675,6 @@ async def open_manager(
         slice_size=slice_size,
         strategy=strategy,
         setup_flags=setup_flags,
-        batch_submissions=batch_submissions,
     )
     token = _MANAGER.set(manager)
     try:

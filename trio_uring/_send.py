@@ -1,243 +1,295 @@
-"""Send strategies: how published slices reach the kernel.
+"""Send strategies: how a stream's outbound queue reaches the kernel.
 
-``send_all`` copies the caller's bytes into registered slices and publishes
-them as entries of the stream's ``ProvidedRing``.  A strategy then sends
-those entries in ring order and returns once the kernel accepted every byte.
-Slices stay held by the batch's ``SliceLease`` until each send that read them
-has delivered its notification.
+``send_all`` copies bytes into the stream's ``OutboundQueue`` and returns;
+once per scheduler tick (or when a queue passes its threshold) the manager
+asks each stream's strategy to ``flush`` it: to prepare one request covering
+the queued bytes.  Every prepared request goes to the kernel in the same
+``io_uring_enter``.  A stream has at most one send request in flight, so its
+bytes can never overtake each other; what a short send leaves goes back to
+the front of the queue.
 
 ==========================  =====================================================
-``fixed-provided-bundle``   SEND_ZC + IOSQE_BUFFER_SELECT + FIXED_BUF|BUNDLE: the
-                            kernel picks the published entries itself (kernels
-                            with the provided-registered-buffers patchset)
-``vectored-fixed``          SENDMSG_ZC + FIXED_BUF, one iovec per entry (6.15+)
-``fixed-single``            one SEND_ZC + FIXED_BUF per entry (6.0+)
-``copy``                    SENDMSG of the entries, the kernel copies them
-``socket``                  trio socket sends: no io_uring at all
+``fixed-provided-bundle``   queued runs published as fixed-provided entries, then
+                            SEND_ZC + IOSQE_BUFFER_SELECT + FIXED_BUF|BUNDLE: the
+                            kernel picks them itself (kernels with the
+                            provided-registered-buffers patchset)
+``vectored-fixed``          SENDMSG_ZC + FIXED_BUF, one iovec per queued run (6.15+)
+``fixed-single``            SEND_ZC + FIXED_BUF of the contiguous runs at the front
+``copy``                    plain nonblocking ``send()`` of the queue (the kernel
+                            copies); what the socket cannot take now goes to an
+                            io_uring SEND that completes when it drains.  Large
+                            payloads skip the queue: sent from the caller's buffer
+``socket``                  no io_uring: every ``send_all`` sends from the caller's
+                            buffer itself, waiting for writability in between
 ==========================  =====================================================
 """
 
 from __future__ import annotations
 
-import os
+import itertools
 import socket as _stdlib_socket
+import sys
 from typing import TYPE_CHECKING, Protocol
 
 from . import _abi
-from ._buffers import ProvidedEntry, SliceLease
-from ._manager import ZeroCopySend
 from ._prep import prep_send, prep_send_zc, prep_sendmsg, prep_sendmsg_zc
-from ._ring import Completion, Ring
+from ._queue import Segment
 
 if TYPE_CHECKING:
     from ._stream import ZeroCopyStream
 
-#: Every send asks the kernel to finish the whole length (no short sends on
-#: stream sockets except on error) and never to raise SIGPIPE.
+#: Every request asks the kernel to finish the whole length (no short sends
+#: on stream sockets except on error) and never to raise SIGPIPE.
 SEND_MSG_FLAGS = _stdlib_socket.MSG_WAITALL | _stdlib_socket.MSG_NOSIGNAL
 
 ZC_FIXED_FLAGS = _abi.IORING_RECVSEND_FIXED_BUF | _abi.IORING_SEND_ZC_REPORT_USAGE
 
+#: ``send_all`` payloads at least this large skip the queue under the
+#: copying strategies and are sent from the caller's buffer: the kernel
+#: copies them anyway, so a copy into slices would be a second one.
+DIRECT_SEND_MIN = 64 * 1024
 
-def check_result(res: int) -> int:
-    """A CQE's ``res`` as a count, or its ``-errno`` raised as ``OSError``."""
-    if res < 0:
-        raise OSError(-res, os.strerror(-res))
-    return res
+_NEVER = sys.maxsize
+_MSG_NOSIGNAL = _stdlib_socket.MSG_NOSIGNAL
 
 
-def remaining_after(entries: list[ProvidedEntry], sent: int) -> list[ProvidedEntry]:
-    """The part of ``entries`` not covered by the first ``sent`` bytes."""
-    out = []
-    for e in entries:
-        if sent >= e.length:
-            sent -= e.length
-            continue
-        out.append(e._replace(offset=e.offset + sent, length=e.length - sent))
-        sent = 0
-    return out
+class SendRequest:
+    """One send request of a stream: its result CQE, then (zero copy) a
+    notification CQE.  The segments it read stay counted until the kernel
+    says it is done with them: at the notification, or at the result when
+    none will follow (no ``IORING_CQE_F_MORE``)."""
+
+    __slots__ = ("nbytes", "segments", "stream")
+
+    def __init__(self, stream: ZeroCopyStream, segments: list[Segment]) -> None:
+        self.stream = stream
+        self.segments = segments
+        self.nbytes = sum(s[1] for s in segments)
+
+    def complete(self, res: int, flags: int) -> bool:
+        stream = self.stream
+        if flags & _abi.IORING_CQE_F_NOTIF:
+            stream.notified(bool(res & _abi.IORING_NOTIF_USAGE_ZC_COPIED))
+            stream.queue.release(self.segments)
+            return True
+        self.sent(res)
+        if flags & _abi.IORING_CQE_F_MORE:
+            return False
+        stream.queue.release(self.segments)
+        return True
+
+    def sent(self, res: int) -> None:
+        self.stream.send_completed(self, res)
 
 
 class SendStrategy(Protocol):
-    """Sends what is published on a stream's ring.
+    """Turns a stream's queued bytes into one request.
 
-    Every request names the stream's fd, so before each one (a short send
-    is continued with another) a strategy calls ``stream.check_open()``:
-    once the socket is closed its fd number may already belong to another.
+    ``flush`` is called only while the stream has queued bytes and no send
+    in flight; it prepares an SQE (``stream.begin`` records the request) or
+    sends at once, and raises ``OSError`` for an error of the socket.
+    ``direct_min`` is the payload size from which ``send_all`` skips the
+    queue and sends from the caller's buffer.
     """
 
     name: str
     zero_copy: bool
+    direct_min: int
 
-    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
-        """Send everything published on ``stream``'s ring."""
+    def flush(self, stream: ZeroCopyStream) -> None:
+        """Hand the front of ``stream``'s queue to the kernel."""
 
 
 class VectoredFixed:
-    """SENDMSG_ZC with ``IORING_RECVSEND_FIXED_BUF``: one SQE per batch.
-
-    Every iovec lies inside the arena, which is one registered buffer, so the
-    kernel skips page pinning; each short send (rare: MSG_WAITALL) is resent
-    from where it stopped as a new request with its own notification.
-    """
+    """SENDMSG_ZC with ``IORING_RECVSEND_FIXED_BUF``: one SQE for the whole
+    queue.  Every iovec lies inside the arena, one registered buffer, so the
+    kernel skips pinning pages."""
 
     name = "vectored-fixed"
     zero_copy = True
+    direct_min = _NEVER
 
-    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
-        arena = stream.manager.arena
-        entries = stream.provided_ring.consume(arena)
-        while entries:
-            stream.check_open()
-            msg = stream.fill_msghdr(entries)
-            op = ZeroCopySend(lease, stream.counters)
-            res = check_result(
-                await stream.manager.submit(
-                    prep_sendmsg_zc,
-                    stream.fd,
-                    msg,
-                    SEND_MSG_FLAGS,
-                    ZC_FIXED_FLAGS,
-                    arena.buf_index,
-                    op=op,
-                )
-            )
-            stream.counters.sent(res)
-            entries = remaining_after(entries, res)
-
-
-async def send_fixed_entry(stream: ZeroCopyStream, lease: SliceLease, entry: ProvidedEntry) -> None:
-    """Send one entry with SEND_ZC + FIXED_BUF, continuing short sends."""
-    arena = stream.manager.arena
-    offset, length = entry.offset, entry.length
-    while length:
-        stream.check_open()
-        op = ZeroCopySend(lease, stream.counters)
-        res = check_result(
-            await stream.manager.submit(
-                prep_send_zc,
-                stream.fd,
-                arena.base + offset,
-                length,
-                SEND_MSG_FLAGS,
-                ZC_FIXED_FLAGS,
-                entry.buf_index,
-                op=op,
-            )
+    def flush(self, stream: ZeroCopyStream) -> None:
+        segments = stream.queue.take(_abi.UIO_MAXIOV)
+        request = SendRequest(stream, segments)
+        prep_sendmsg_zc(
+            stream.manager.ring,
+            request,
+            stream.fd,
+            stream.fill_msghdr(segments),
+            SEND_MSG_FLAGS,
+            ZC_FIXED_FLAGS,
+            stream.manager.arena.buf_index,
         )
-        stream.counters.sent(res)
-        offset += res
-        length -= res
+        stream.begin(request)
+
+
+def send_fixed_run(stream: ZeroCopyStream, request: SendRequest) -> None:
+    """Prepare SEND_ZC + FIXED_BUF of ``request``, one contiguous arena range."""
+    arena = stream.manager.arena
+    prep_send_zc(
+        stream.manager.ring,
+        request,
+        stream.fd,
+        arena.base + request.segments[0][0],
+        request.nbytes,
+        SEND_MSG_FLAGS,
+        ZC_FIXED_FLAGS,
+        arena.buf_index,
+    )
+    stream.begin(request)
 
 
 class FixedSingle:
-    """One SEND_ZC with ``IORING_RECVSEND_FIXED_BUF`` per entry, in order."""
+    """SEND_ZC with ``IORING_RECVSEND_FIXED_BUF`` of the queued runs that lie
+    back to back in the arena (usually all of them: slices are handed out
+    in order); the rest goes in the next request."""
 
     name = "fixed-single"
     zero_copy = True
+    direct_min = _NEVER
 
-    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
-        for entry in stream.provided_ring.consume(stream.manager.arena):
-            await send_fixed_entry(stream, lease, entry)
-
-
-class Copy:
-    """SEND/SENDMSG of the published entries: the kernel copies them.
-
-    Used where zero copy cannot work (AF_UNIX), is not available, or keeps
-    being copied anyway.  A single entry goes out as SEND, which spares the
-    kernel importing a msghdr (measured: the cheaper request on loopback).
-    """
-
-    name = "copy"
-    zero_copy = False
-
-    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
-        arena = stream.manager.arena
-        entries = stream.provided_ring.consume(arena)
-        while entries:
-            stream.check_open()
-            if len(entries) == 1:
-                entry = entries[0]
-                res = await stream.manager.submit(
-                    prep_send, stream.fd, arena.base + entry.offset, entry.length, SEND_MSG_FLAGS
-                )
-            else:
-                msg = stream.fill_msghdr(entries)
-                res = await stream.manager.submit(prep_sendmsg, stream.fd, msg, SEND_MSG_FLAGS)
-            stream.counters.sent(check_result(res))
-            entries = remaining_after(entries, res)
+    def flush(self, stream: ZeroCopyStream) -> None:
+        send_fixed_run(stream, SendRequest(stream, stream.queue.take_run()))
 
 
-class SocketSend:
-    """trio's own socket sends of the published slices, one ``send`` each.
+class _BundleRequest(SendRequest):
+    """A bundle send: the kernel consumed every entry it touched."""
 
-    The strategy without io_uring, and also where a stream goes when zero
-    copy keeps being copied: measured here, a plain ``send()`` that
-    completes at once costs about half an io_uring SEND request.  (One
-    ``sendmsg`` per batch measured slower at 1 MiB than a ``send`` per
-    slice: 0.86x trio against 1.10x.)
-    """
+    __slots__ = ()
 
-    name = "socket"
-    zero_copy = False
+    def sent(self, res: int) -> None:
+        stream = self.stream
+        if res >= 0:
+            consumed, rest = 0, res
+            for seg in self.segments:
+                if rest <= 0:
+                    break
+                consumed += 1
+                rest -= seg[1]
+            stream.provided_ring.advance(consumed)
+            # An entry sent in part has been consumed all the same: what is
+            # left of it must go out on its own, before the next bundle.
+            stream.unpublished_head = rest < 0
+        stream.send_completed(self, res)
 
-    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
-        view = stream.manager.arena.view
-        for entry in stream.provided_ring.consume(stream.manager.arena):
-            start, end = entry.offset, entry.offset + entry.length
-            while start < end:
-                res = await stream.socket.send(view[start:end])
-                stream.counters.sent(res)
-                start += res
+
+class _HeadRequest(SendRequest):
+    """The rest of an entry a short bundle send consumed in part."""
+
+    __slots__ = ()
+
+    def sent(self, res: int) -> None:
+        self.stream.unpublished_head = 0 <= res < self.nbytes
+        self.stream.send_completed(self, res)
 
 
 class FixedProvidedBundle:
     """SEND_ZC that picks the stream's published fixed-provided entries itself.
 
     ``IOSQE_BUFFER_SELECT`` with ``IORING_RECVSEND_FIXED_BUF |
-    IORING_RECVSEND_BUNDLE`` on the stream's buffer group: one SQE, no iovec,
-    and the kernel resolves each entry's (buffer index, offset).  After a
+    IORING_RECVSEND_BUNDLE`` on the stream's buffer group: one SQE, no
+    iovec; the kernel resolves each entry's (buffer index, offset).  Entries
+    are published only here, at flush time, one per queued run.  After a
     short send the kernel has consumed every entry it touched, including one
-    it sent only in part, while the entries after it stay published.  The
-    rest of that partly sent entry therefore goes out on its own (SEND_ZC
-    from its address) before the next bundle send takes the others: never
-    out of order, never twice.
+    it sent in part, while the entries after it stay published: the rest of
+    the partly sent entry goes out on its own (SEND_ZC from its address)
+    before the next bundle takes the others.  Never out of order, never twice.
     """
 
     name = "fixed-provided-bundle"
     zero_copy = True
+    direct_min = _NEVER
 
-    @staticmethod
-    def prep(ring: Ring, op: Completion, fd: int, bgid: int) -> int:
-        return prep_send_zc(
-            ring,
-            op,
-            fd,
+    def flush(self, stream: ZeroCopyStream) -> None:
+        queue, ring = stream.queue, stream.provided_ring
+        if stream.unpublished_head:
+            send_fixed_run(stream, _HeadRequest(stream, queue.take(1)))
+            return
+        segments = queue.take(ring.entries)
+        # Entries a short send left published lead the queue: publish the rest.
+        ring.publish(stream.manager.arena, segments[ring.published :])
+        request = _BundleRequest(stream, segments)
+        prep_send_zc(
+            stream.manager.ring,
+            request,
+            stream.fd,
             0,
             0,
             SEND_MSG_FLAGS,
             ZC_FIXED_FLAGS | _abi.IORING_RECVSEND_BUNDLE,
-            bgid,
+            stream.bgid,
             _abi.IOSQE_BUFFER_SELECT,
         )
+        stream.begin(request)
 
-    async def send(self, stream: ZeroCopyStream, lease: SliceLease) -> None:
-        # The kernel consumes the entries itself; consume() keeps our head
-        # in step with what it will have taken once everything is sent.
-        entries = stream.provided_ring.consume(stream.manager.arena)
-        while entries:
-            stream.check_open()
-            op = ZeroCopySend(lease, stream.counters)
-            res = check_result(
-                await stream.manager.submit(self.prep, stream.fd, stream.bgid, op=op)
-            )
-            stream.counters.sent(res)
-            rest = remaining_after(entries, res)
-            if rest and rest[0] != entries[len(entries) - len(rest)]:
-                await send_fixed_entry(stream, lease, rest[0])
-                rest = rest[1:]
-            entries = rest
+
+def send_now(stream: ZeroCopyStream) -> None:
+    """Plain nonblocking ``send()``/``sendmsg()`` of the queue, until it is
+    empty or the socket is full."""
+    queue, sock, view = stream.queue, stream.stdlib_socket, stream.queue.view
+    unsent = queue.unsent
+    while unsent:
+        try:
+            if len(unsent) == 1:
+                offset, offered, _ = unsent[0]
+                sent = sock.send(view[offset : offset + offered], _MSG_NOSIGNAL)
+            else:
+                front = list(itertools.islice(unsent, _abi.UIO_MAXIOV))
+                offered = sum(s[1] for s in front)
+                sent = sock.sendmsg([view[s[0] : s[0] + s[1]] for s in front], (), _MSG_NOSIGNAL)
+        except BlockingIOError:
+            return
+        queue.consume(sent)
+        stream.counters.sent(sent)
+        if sent < offered:
+            return
+
+
+class Copy:
+    """Plain nonblocking ``send()``/``sendmsg()`` of the queue: the kernel copies.
+
+    Used where zero copy cannot work (AF_UNIX), or where a stream left it
+    because the kernel kept copying (loopback, veth, NICs without
+    scatter-gather).  Measured on loopback, a ``send()`` that completes at
+    once costs about half an io_uring SEND request, and it needs no
+    completion.  What the socket cannot take now goes to an io_uring SEND
+    (or SENDMSG) with ``MSG_WAITALL``: the kernel finishes it when the
+    socket drains, and no task has to wait for that.
+    """
+
+    name = "copy"
+    zero_copy = False
+    direct_min = DIRECT_SEND_MIN
+
+    def flush(self, stream: ZeroCopyStream) -> None:
+        send_now(stream)
+        if not stream.queue.nbytes:
+            return
+        segments = stream.queue.take(_abi.UIO_MAXIOV)
+        request = SendRequest(stream, segments)
+        ring = stream.manager.ring
+        if len(segments) == 1:
+            address = stream.manager.arena.base + segments[0][0]
+            prep_send(ring, request, stream.fd, address, request.nbytes, SEND_MSG_FLAGS)
+        else:
+            prep_sendmsg(ring, request, stream.fd, stream.fill_msghdr(segments), SEND_MSG_FLAGS)
+        stream.begin(request)
+
+
+class SocketSend:
+    """No io_uring: ``send_all`` sends from the caller's buffer with plain
+    nonblocking ``send()`` calls, waiting for writability when the kernel
+    pushes back, one trio checkpoint per ``send_all``.  Only ``reserve()``
+    queues bytes; the stream drains them inline with ``flush``, waiting for
+    writability between calls."""
+
+    name = "socket"
+    zero_copy = False
+    direct_min = 0
+
+    def flush(self, stream: ZeroCopyStream) -> None:
+        send_now(stream)
 
 
 STRATEGY_IMPLS: dict[str, SendStrategy] = {

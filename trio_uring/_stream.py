@@ -6,17 +6,19 @@ import contextlib
 import dataclasses
 import errno
 import operator
+import os
 import socket as _stdlib_socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
 
 from . import _abi
-from ._buffers import ProvidedEntry, ProvidedRing, SliceLease
-from ._manager import IOManager, SendCounters, current_manager
-from ._prep import prep_poll_add, prep_recv
-from ._send import STRATEGY_IMPLS, SendStrategy, check_result
+from ._buffers import ProvidedRing
+from ._manager import IOManager, ManagerClosedError, SendCounters, current_manager
+from ._prep import prep_recv
+from ._queue import OutboundQueue, Segment
+from ._send import STRATEGY_IMPLS, SendRequest, SendStrategy
 from ._shim_cffi import ffi
 from ._util import ConflictDetector
 
@@ -26,10 +28,11 @@ DEFAULT_RECEIVE_SIZE = 65536
 #: strategy the library chose stops using zero copy, as the kernel's
 #: MSG_ZEROCOPY documentation advises.
 COPIED_SWITCH_THRESHOLD = 32
-#: Where such a stream goes: plain nonblocking sends from the same slices.
-#: Measured on loopback (4 KiB send_all): 0.60x trio against 0.47x staying
-#: on zero copy and 0.49x with io_uring SEND ("copy"); echo 0.48x / 0.42x.
-COPIED_FALLBACK_STRATEGY = "socket"
+#: Where such a stream goes: plain nonblocking sends of the same queue.
+COPIED_FALLBACK_STRATEGY = "copy"
+#: Queued bytes past which a stream is flushed at once rather than at the
+#: end of the scheduler tick.
+FLUSH_THRESHOLD = 256 * 1024
 #: A stream may hold at most 1/STREAM_ARENA_SHARE of the arena's slices.
 STREAM_ARENA_SHARE = 4
 #: The most one receive asks the kernel for; ``receive_some`` may always
@@ -38,7 +41,7 @@ MAX_RECEIVE_SIZE = 4 * 1024 * 1024
 
 _ZERO_COPY_FAMILIES = (_stdlib_socket.AF_INET, _stdlib_socket.AF_INET6)
 _STREAM_FAMILIES = (*_ZERO_COPY_FAMILIES, _stdlib_socket.AF_UNIX)
-_POLLOUT = 0x004
+_MSG_NOSIGNAL = _stdlib_socket.MSG_NOSIGNAL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,19 +53,34 @@ class StreamStats:
     veth, NICs without scatter-gather).  ``notifications_zerocopy`` counts
     the real zero-copy ones.
 
-    A snapshot: notifications arrive after ``send_all`` has returned, so
-    right after a send ``notifications`` may still trail ``sends``.  And
-    once a stream whose strategy the library chose has left zero copy (the
-    kernel kept copying), its later sends get no notification at all:
-    ``strategy`` then reads ``"socket"`` and ``notifications < sends`` for good.
+    ``sends`` counts the requests (or plain ``send()`` calls) that handed
+    bytes to the kernel: one may carry many ``send_all`` calls' bytes.
+    ``bytes_copied`` counts the bytes copied in user space into registered
+    slices: every byte of a ``send_all`` that went through the queue, none
+    of those produced in place by ``reserve()`` or sent straight from the
+    caller's buffer.
+
+    A snapshot: bytes are sent after ``send_all`` has returned, and
+    notifications arrive after that.  Once a stream whose strategy the
+    library chose has left zero copy (the kernel kept copying), its later
+    sends get no notification at all: ``strategy`` then reads ``"copy"``
+    and ``notifications < sends`` for good.
     """
 
     strategy: str
     sends: int
     bytes_sent: int
+    bytes_copied: int
     notifications: int
     notifications_copied: int
     notifications_zerocopy: int
+
+
+def check_result(res: int) -> int:
+    """A CQE's ``res`` as a count, or its ``-errno`` raised as ``OSError``."""
+    if res < 0:
+        raise OSError(-res, os.strerror(-res))
+    return res
 
 
 def _stream_error(
@@ -93,23 +111,36 @@ def _byte_view(data: object) -> memoryview:
 class ZeroCopyStream(trio.abc.HalfCloseableStream):
     """A TCP or Unix stream whose sends go through registered memory.
 
-    ``send_all`` copies the data into registered slices of the run's arena,
-    publishes them as provided-buffer entries and sends them with the best
-    strategy the kernel supports (see ``trio_uring.features()``).  It returns
-    as soon as the kernel has accepted every byte; the slices come back to
-    the arena when the kernel's zero-copy notifications say it no longer
-    reads them, so the caller's buffer is free at once, as with any trio
-    stream.
+    ``send_all`` copies the data into this stream's *outbound queue*:
+    registered slices of the run's arena, appended densely, so that small
+    messages pack into one slice.  It returns as soon as the bytes are
+    queued, and the caller's buffer is free at once.  Once per trio
+    scheduler tick every stream with queued bytes gets one send request
+    covering them, and all of those go to the kernel in one
+    ``io_uring_enter``; a slice is rewritten only after the kernel's
+    zero-copy notification says it no longer reads it.  The queue is
+    bounded by the stream's share of the arena: when it is full,
+    ``send_all`` waits (the backpressure), and ``wait_send_all_might_not_block``
+    waits for the same thing.
+
+    Where the kernel copies anyway (loopback, veth, AF_UNIX) the stream
+    sends with plain nonblocking ``send()`` calls, payloads of
+    ``DIRECT_SEND_MIN`` bytes or more straight from the caller's buffer.
 
     Semantics follow ``trio.SocketStream``: one task sends and one receives
     at a time (``trio.BusyResourceError`` otherwise); after ``aclose``,
     ``trio.ClosedResourceError``; network errors raise
-    ``trio.BrokenResourceError`` with the ``OSError`` as ``__cause__``.
+    ``trio.BrokenResourceError`` with the ``OSError`` as ``__cause__``,
+    including an error the kernel reported for bytes queued by an earlier
+    ``send_all``: the next ``send_all``, ``wait_send_all_might_not_block``,
+    ``send_eof`` or ``aclose`` raises it.
 
-    Cancelling ``send_all`` leaves the stream *broken*: some prefix of the
-    data may have been sent, so every later ``send_all`` raises
-    ``BrokenResourceError``.  Receiving still works, and the slices the
-    cancelled send used return to the arena once their notifications arrive.
+    Cancelling ``send_all`` before it queued anything leaves the stream
+    usable.  Cancelling it once it queued part of the data (it was waiting
+    for room) leaves the stream *broken*: that prefix will be sent, so every
+    later ``send_all`` raises ``BrokenResourceError``.  Receiving still works.
+    A graceful ``aclose`` or ``send_eof`` first sends everything queued;
+    ``trio.aclose_forcefully`` (a cancelled ``aclose``) drops it.
     """
 
     def __init__(self, socket: trio.socket.SocketType) -> None:
@@ -130,6 +161,10 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 f"ZeroCopyStream supports AF_INET, AF_INET6 and AF_UNIX, not {socket.family!r}"
             )
         self.socket = socket
+        # The standard library socket under the trio one (trio keeps it
+        # nonblocking): its send() completes or raises BlockingIOError at
+        # once, without the async layers of trio's socket send.
+        self.stdlib_socket: _stdlib_socket.socket = socket._sock  # type: ignore[attr-defined]
         self.fd: int = socket.fileno()
         self.manager: IOManager = current_manager()
         if socket.family in _ZERO_COPY_FAMILIES:
@@ -144,23 +179,26 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         # A stream holds at most a quarter of the arena: slices sent to a peer
         # that stopped reading stay pinned until it reads (or the connection
         # dies), and one stalled peer must not starve every other stream.
-        self._slice_limit = max(1, arena.n_slices // STREAM_ARENA_SHARE)
-        self._max_batch = min(self._slice_limit, _abi.UIO_MAXIOV)
-        self._held = 0
-        self._slices_returned = trio.lowlevel.ParkingLot()
-        self._slice_wait: trio.CancelScope | None = None
-        # At most one batch is published at a time.
-        self.provided_ring = ProvidedRing(
-            ProvidedRing.entries_for(self._max_batch),
-            fixed=self.strategy.zero_copy,
+        self.queue = OutboundQueue(
+            arena, max(1, arena.n_slices // STREAM_ARENA_SHARE), self._slice_freed
         )
+        #: The send request in flight (at most one, so bytes keep their order).
+        self.in_flight: SendRequest | None = None
+        self.counters = SendCounters(self.manager.counters)
+        self.provided_ring: ProvidedRing | None = None
         self.bgid: int | None = None
-        if self.manager.ring is not None:
+        #: fixed-provided-bundle: the queue starts with the rest of an entry
+        #: the kernel consumed in part, which must go out on its own.
+        self.unpublished_head = False
+        if self.strategy.name == "fixed-provided-bundle":
+            # Only this strategy's kernel reads provided entries.
+            self.provided_ring = ProvidedRing(
+                ProvidedRing.entries_for(min(self.queue.limit * 2, _abi.MAX_BUF_RING_ENTRIES))
+            )
             self.bgid = self.manager.register_buf_ring(
                 self.provided_ring.address, self.provided_ring.entries
             )
-        self.counters = SendCounters(self.manager.counters)
-        self._iov = ffi.new("uint64_t[]", 2 * self._max_batch)
+        self._iov = ffi.new("uint64_t[]", 2 * _abi.UIO_MAXIOV)
         self.msghdr = ffi.new("struct tu_msghdr *")
         self.msghdr.msg_iov = ffi.cast("struct tu_iovec *", self._iov)
         self._msghdr_address = int(ffi.cast("uintptr_t", self.msghdr))
@@ -168,7 +206,20 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._recv_address = 0
         self._closed = False
         self._eof_sent = False
+        #: Why send_all may not be used any more: it failed or was cancelled
+        #: part way, or the kernel failed bytes queued earlier.
         self._send_broken: BaseException | None = None
+        #: The kernel failed queued bytes and no call has raised it yet.
+        self._error_unreported = False
+        #: Send-side tasks waiting for room, a send to finish, or an error.
+        self._progress = trio.lowlevel.ParkingLot()
+        self._wait_scope: trio.CancelScope | None = None
+        # Coalescing state for the manager's per-tick flush: whether the
+        # stream is on the manager's list, the last tick it queued bytes in,
+        # and for how many ticks in a row it has been queueing.
+        self.flush_pending = False
+        self.last_tick = -2
+        self.streak = 0
         self._send_conflict = ConflictDetector(
             "another task is currently sending data on this ZeroCopyStream"
         )
@@ -188,17 +239,73 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             return "copy"
         return name
 
-    # -- used by the strategies ---------------------------------------------
+    # -- used by the strategies and the manager ------------------------------
 
-    def fill_msghdr(self, entries: list[ProvidedEntry]) -> int:
-        """Point the stream's msghdr at ``entries``; return its address."""
+    def fill_msghdr(self, segments: list[Segment]) -> int:
+        """Point the stream's msghdr at ``segments``; return its address."""
         words, base, j = self._iov, self.manager.arena.base, 0
-        for e in entries:
-            words[j] = base + e.offset
-            words[j + 1] = e.length
+        for offset, length, _ in segments:
+            words[j] = base + offset
+            words[j + 1] = length
             j += 2
-        self.msghdr.msg_iovlen = len(entries)
+        self.msghdr.msg_iovlen = len(segments)
         return self._msghdr_address
+
+    def begin(self, request: SendRequest) -> None:
+        """``request`` was prepared; it is the stream's send in flight."""
+        self.in_flight = request
+        self.manager.sends_in_flight += 1
+
+    def send_completed(self, request: SendRequest, res: int) -> None:
+        """The result CQE of the send in flight."""
+        self.in_flight = None
+        self.manager.sends_in_flight -= 1
+        if res < 0:
+            if not self._closed:
+                self.fail(OSError(-res, os.strerror(-res)))
+            return
+        self.counters.sent(res)
+        if self._closed:
+            return
+        if res < request.nbytes:
+            self.queue.requeue(request.segments, res)
+        if self.queue.nbytes and not self.flush_pending:
+            self.manager.schedule_flush(self)
+        self._wake()
+
+    def notified(self, copied: bool) -> None:
+        """A zero-copy notification of one of this stream's sends."""
+        counters = self.counters
+        counters.notified(copied)
+        if self._adaptive and counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD:
+            self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
+            self._adaptive = False
+
+    def fail(self, exc: BaseException) -> None:
+        """The kernel failed queued bytes: drop the rest, break the stream."""
+        if self._send_broken is None:
+            self._send_broken = exc
+            self._error_unreported = True
+        self.queue.clear()
+        self._wake()
+
+    def flush(self) -> None:
+        """Hand the front of the queue to the strategy, if no send is in flight."""
+        if self.in_flight is not None or not self.queue.nbytes or self._closed:
+            return
+        try:
+            self.strategy.flush(self)
+        except Exception as exc:
+            self.fail(exc)
+
+    def _slice_freed(self) -> None:
+        if self._progress:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._progress:
+            self._progress.unpark_all()
+            self.manager.woke_tasks = True
 
     # -- sending --------------------------------------------------------------
 
@@ -217,82 +324,164 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 "aclose() rather than closing its socket"
             )
 
+    def _raise_if_broken(self) -> None:
+        exc = self._send_broken
+        if exc is None:
+            return
+        self._error_unreported = False
+        if isinstance(exc, OSError):
+            raise _stream_error(self, exc, "sending queued data") from exc
+        raise trio.BrokenResourceError(
+            "an earlier send_all on this stream failed or was cancelled part way; "
+            "the peer may have received a prefix of that data, so the stream is broken"
+        ) from exc
+
     def _check_can_send(self) -> None:
         self.check_open()
         if self._eof_sent:
             raise trio.ClosedResourceError("can't send data after sending EOF")
-        if self._send_broken is not None:
-            raise trio.BrokenResourceError(
-                "an earlier send_all on this stream failed or was cancelled part way; "
-                "the peer may have received a prefix of that data, so the stream is broken"
-            ) from self._send_broken
+        self._raise_if_broken()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send all of ``data``; return when the kernel has accepted it.
+        """Queue all of ``data`` for sending; return once it is queued.
 
-        Waits while the arena has no free slice (backpressure): slices are
-        freed by the kernel's notifications of earlier sends.
+        Waits only while this stream's share of the arena is full of bytes
+        the kernel has not finished with (the backpressure).
         """
         with self._send_conflict:
             view = _byte_view(data)
-            self._check_can_send()
-            if not view.nbytes:
-                await trio.lowlevel.checkpoint()
-                return
-            await self._send_guarded(self._send_view, view)
+            if (
+                self._closed
+                or self._eof_sent
+                or self._send_broken is not None
+                or self.stdlib_socket.fileno() != self.fd
+            ):
+                self._check_can_send()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            nbytes = view.nbytes
+            if nbytes >= self.strategy.direct_min:
+                await self._send_direct(view)
+            elif nbytes:
+                queued = self.queue.write(view)
+                if queued < nbytes:
+                    await self._write_waiting(view, queued)
+                counters = self.counters
+                counters.bytes_copied += nbytes
+                counters.parent.bytes_copied += nbytes  # type: ignore[union-attr]
+                self._queued()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def _send_guarded(self, send: Callable[..., Awaitable[None]], *args: Any) -> None:
-        """Run a send; one that fails or is cancelled part way breaks the
-        stream, since the peer may have received a prefix of the data."""
+    def _queued(self) -> None:
+        """Bytes were queued: flush now past the threshold, else at the tick."""
+        manager = self.manager
+        tick = manager.tick
+        if tick != self.last_tick:
+            self.streak = self.streak + 1 if tick == self.last_tick + 1 else 1
+            self.last_tick = tick
+        if self.queue.nbytes >= FLUSH_THRESHOLD and self.in_flight is None:
+            self._flush_now()
+        if self.queue.nbytes and not self.flush_pending:
+            manager.schedule_flush(self)
+
+    def _flush_now(self) -> None:
+        """Flush this stream from a task, entering the kernel at once."""
+        if self.manager.closed:
+            self.fail(ManagerClosedError("the trio_uring I/O manager for this run has shut down"))
+            return
+        self.flush()
+        if self.manager.ring is not None and self.manager.ring.sq_pending:
+            self.manager.submit_prepared()
+
+    async def _wait_for(self, ready: Callable[[], bool]) -> None:
+        """Park until ``ready()`` or an error; ``ClosedResourceError`` once
+        another task closes the stream.  A checkpoint only when it parks."""
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed while a send waited")
+            if ready() or self._send_broken is not None:
+                return
+            await self._progress.park()
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: flush, then wait until ``write`` can make progress:
+        for this stream's own slices to come back while it holds its whole
+        share, or for a free slice of the arena (first come, first served)
+        while other streams hold them all."""
+        queue = self.queue
+        self._flush_now()
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed while a send waited")
+            if queue.writable or self._send_broken is not None:
+                break
+            if queue.at_limit:
+                await self._progress.park()
+                continue
+            with trio.CancelScope() as scope:
+                self._wait_scope = scope
+                try:
+                    queue.adopt((await self.manager.acquire_slices(1))[0])
+                finally:
+                    self._wait_scope = None
+            if scope.cancelled_caught:
+                raise trio.ClosedResourceError("the stream was closed while a send waited")
+        self._raise_if_broken()
+
+    async def _write_waiting(self, view: memoryview, pos: int) -> None:
+        """Queue ``view[pos:]``, waiting for room as often as it takes."""
         try:
-            await send(*args)
-        except OSError as exc:
-            if self._send_broken is None:
-                self._send_broken = exc
-            raise _stream_error(self, exc, "sending") from exc
+            while pos < view.nbytes:
+                await self._wait_for_room()
+                self.check_open()
+                pos = self.queue.write(view, pos)
         except BaseException as exc:
-            if self._send_broken is None:
+            # Part of the data is queued and will be sent: the peer would see
+            # a prefix, so the stream cannot carry another message.
+            if pos and self._send_broken is None:
                 self._send_broken = exc
             raise
 
-    async def _lease(self, needed: int) -> SliceLease:
-        """Slices for up to ``needed`` more slices of data, within this
-        stream's share of the arena, waiting for them if there are none."""
-        self.check_open()
-        arena = self.manager.arena
-        room = self._slice_limit - self._held
-        slices = arena.acquire(min(needed, self._max_batch, room)) if room > 0 else []
-        if not slices:
-            slices = await self._wait_for_slices(needed)
-        self._held += len(slices)
-        return SliceLease(arena, slices, self._lease_released)
+    async def _send_direct(self, view: memoryview) -> None:
+        """Send from the caller's buffer, after everything queued before."""
+        if self.queue.nbytes or self.in_flight is not None:
+            await self._drain()
+        sock, nbytes, sent = self.stdlib_socket, view.nbytes, 0
+        try:
+            while True:
+                try:
+                    sent += sock.send(view[sent:] if sent else view, _MSG_NOSIGNAL)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.fd)
+                    continue
+                if sent == nbytes:
+                    break
+        except OSError as exc:
+            self._send_broken = exc
+            raise _stream_error(self, exc, "sending") from exc
+        except BaseException as exc:
+            if sent:
+                self._send_broken = exc
+            raise
+        finally:
+            if sent:
+                self.counters.sent(sent)
 
-    async def _publish_and_send(self, lease: SliceLease, lengths: list[int]) -> None:
-        if self._adaptive and self.counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD:
-            self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
-            self._adaptive = False
-        self.provided_ring.publish(self.manager.arena, lease.slices, lengths)
-        await self.strategy.send(self, lease)
+    async def _drain(self) -> None:
+        """Send everything queued; return when the kernel has accepted it.
 
-    async def _send_view(self, view: memoryview) -> None:
-        arena = self.manager.arena
-        slice_size = arena.slice_size
-        arena_view = arena.view
-        total = view.nbytes
-        pos = 0
-        while pos < total:
-            lease = await self._lease(-(-(total - pos) // slice_size))
-            try:
-                lengths = []
-                for slice_id in lease.slices:
-                    n = min(slice_size, total - pos)
-                    offset = slice_id * slice_size
-                    arena_view[offset : offset + n] = view[pos : pos + n]
-                    lengths.append(n)
-                    pos += n
-                await self._publish_and_send(lease, lengths)
-            finally:
-                lease.seal()
+        Raises what the kernel reported for queued bytes.  A checkpoint only
+        when something had to be waited for.
+        """
+        queue = self.queue
+        while (queue.nbytes or self.in_flight is not None) and self._send_broken is None:
+            self.check_open()
+            self._flush_now()
+            if self.manager.ring is None and queue.nbytes:
+                # No ring to finish the send: wait for the socket here.
+                await trio.lowlevel.wait_writable(self.fd)
+            elif self.in_flight is not None:
+                await self._wait_for(lambda: self.in_flight is None)
+        self._raise_if_broken()
 
     @contextlib.asynccontextmanager
     async def reserve(self, nbytes: int) -> AsyncIterator[memoryview]:
@@ -303,20 +492,20 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             async with stream.reserve(4096) as view:
                 view[:] = produce()        # or sock.recv_into(view), file.readinto(view)
 
-        The block gets a writable memoryview of one arena slice; when it
-        ends normally, all ``nbytes`` are sent as by ``send_all``.  Data
-        produced in place is never copied in user space, which is what makes
-        zero copy a saving rather than a second copy.  ``nbytes`` is at most
-        the manager's ``slice_size``: send larger data in pieces, or open the
-        manager with larger slices.
+        The block gets a writable memoryview of free bytes at the end of the
+        stream's outbound queue; when the block ends normally, all ``nbytes``
+        are queued as by ``send_all``.  Data produced in place is never
+        copied in user space, which is what makes zero copy a saving rather
+        than a second copy.  ``nbytes`` is at most the manager's
+        ``slice_size``: send larger data in pieces, or open the manager with
+        larger slices.
 
         The whole block counts as a send in progress (``BusyResourceError``
         for a concurrent ``send_all``).  Entering it is a cancellation point
-        and may wait for a free slice; the send at the end is a checkpoint.
-        If the block raises, nothing is sent and the stream stays usable; a
-        send that fails or is cancelled breaks the stream, as with
-        ``send_all``.  The view is released when the block ends: keep no
-        other reference to it, because the slice is reused afterwards.
+        and may wait for room; leaving it is a checkpoint.  If the block
+        raises, nothing is sent and the stream stays usable.  The view is
+        released when the block ends: keep no other reference to it, because
+        the memory is reused afterwards.
         """
         with self._send_conflict:
             try:
@@ -333,74 +522,85 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 )
             self._check_can_send()
             await trio.lowlevel.checkpoint_if_cancelled()
-            lease = await self._lease(1)
-            offset = lease.slices[0] * slice_size
-            view = self.manager.arena.view[offset : offset + nbytes]
+            view = self.queue.reserve(nbytes)
+            while view is None:
+                await self._wait_for_room()
+                self.check_open()
+                view = self.queue.reserve(nbytes)
             try:
-                try:
-                    yield view
-                finally:
-                    view.release()
-            except BufferError:
-                # Something still exports the view and could write into the
-                # slice later: it must never go back to the arena.  It no
-                # longer counts against this stream's share either.
-                self._held -= 1
-                raise RuntimeError(
-                    "an object made from the reserve() view (numpy.frombuffer, "
-                    "ffi.from_buffer) was still alive when the block ended; drop it inside "
-                    "the block. The slice is retired and nothing was sent"
-                ) from None
+                yield view
             except BaseException:
-                lease.seal()
+                self._release_reserved(view)
+                self.queue.unreserve()
                 raise
-            try:
-                self._check_can_send()
-                await self._send_guarded(self._publish_and_send, lease, [nbytes])
-            finally:
-                lease.seal()
+            self._release_reserved(view)
+            if self._closed:
+                self.queue.unreserve()
+                self.check_open()
+            self.queue.commit(nbytes)
+            if self.manager.ring is None:
+                try:
+                    await self._drain()
+                except BaseException as exc:
+                    if self._send_broken is None:
+                        self._send_broken = exc
+                    raise
+            else:
+                self._queued()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def _wait_for_slices(self, needed: int) -> list[int]:
-        """Backpressure: wait until this stream may hold more slices and the
-        arena has some.  ``aclose`` from another task ends the wait."""
-        with trio.CancelScope() as scope:
-            self._slice_wait = scope
-            try:
-                while self._held >= self._slice_limit:
-                    await self._slices_returned.park()
-                wanted = min(needed, self._max_batch, self._slice_limit - self._held)
-                return await self.manager.acquire_slices(wanted)
-            finally:
-                self._slice_wait = None
-        raise trio.ClosedResourceError("the stream was closed while send_all waited for slices")
-
-    def _lease_released(self, lease: SliceLease) -> None:
-        self._held -= len(lease.slices)
-        self._slices_returned.unpark_all()
+    def _release_reserved(self, view: memoryview) -> None:
+        try:
+            view.release()
+        except BufferError:
+            # Something still exports the view and could write into the
+            # slice later: it must never go back to the arena.
+            self.queue.retire_tail()
+            raise RuntimeError(
+                "an object made from the reserve() view (numpy.frombuffer, "
+                "ffi.from_buffer) was still alive when the block ended; drop it inside "
+                "the block. The slice is retired and nothing was sent"
+            ) from None
 
     async def wait_send_all_might_not_block(self) -> None:
-        """Wait until the socket has room (a checkpoint)."""
+        """Wait until ``send_all`` could queue at least one byte (a checkpoint).
+
+        That is: until the stream's share of the arena has room (under the
+        ``socket`` strategy, until the socket is writable).  Raises
+        ``BrokenResourceError`` once the kernel failed queued bytes.
+        """
         with self._send_conflict:
             self.check_open()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._raise_if_broken()
             if self.manager.ring is None:
-                await self.socket.wait_writable()
+                await trio.lowlevel.wait_writable(self.fd)
                 return
-            res = await self.manager.submit(prep_poll_add, self.fd, _POLLOUT)
-            if res < 0 and self._closed:
-                raise trio.ClosedResourceError("the stream was closed while waiting")
+            if not self.queue.writable:
+                await self._wait_for_room()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
-        """Shut down the sending side (``shutdown(SHUT_WR)``); idempotent."""
+        """Send everything queued, then shut down the sending side
+        (``shutdown(SHUT_WR)``); idempotent."""
         with self._send_conflict:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
             self.check_open()
             if self._eof_sent:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return
+            try:
+                await self._drain()
+            except trio.Cancelled as exc:
+                if self._send_broken is None:
+                    self._send_broken = exc
+                raise
             self._eof_sent = True
             try:
                 self.socket.shutdown(_stdlib_socket.SHUT_WR)
             except OSError as exc:
                 raise _stream_error(self, exc, "sending EOF") from exc
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- receiving --------------------------------------------------------------
 
@@ -435,22 +635,55 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     # -- lifetime ---------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the stream; requests in flight end with ClosedResourceError.
+        """Send everything queued, then close the stream.
 
-        Slices of sends still awaiting notifications are returned to the
+        Waits while the peer is not reading, like ``trio.SSLStream``'s
+        graceful close; bound it with a timeout or use
+        ``trio.aclose_forcefully`` where the peer may be gone.  Cancelled
+        (``trio.aclose_forcefully``), it drops the queued bytes and closes at
+        once, and so it does while another task is inside ``send_all`` (that
+        message is incomplete anyway; the other task gets
+        ``ClosedResourceError``).  Requests in flight end with
+        ``ClosedResourceError``.  Raises ``BrokenResourceError`` if the kernel failed queued
+        bytes and no other call has said so yet; the stream is closed either
+        way.  Slices of sends still awaiting notifications return to the
         arena when those arrive, after the socket is gone.
         """
-        if not self._closed:
-            self._closed = True
-            if self._slice_wait is not None:
-                self._slice_wait.cancel()
-            if not self._socket_gone():
-                self.manager.cancel_fd(self.fd)
-            if self.bgid is not None:
-                self.manager.unregister_buf_ring(self.bgid)
-                self.bgid = None
-            self.socket.close()
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if (
+                not self._send_conflict.busy
+                and not self._socket_gone()
+                and (self.queue.nbytes or self.in_flight is not None)
+            ):
+                await trio.lowlevel.checkpoint_if_cancelled()
+                await self._drain()
+            else:
+                self._raise_if_broken()
+        except trio.BrokenResourceError:
+            if self._error_unreported:
+                raise
+        finally:
+            self._close_now()
         await trio.lowlevel.checkpoint()
+
+    def _close_now(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._error_unreported = False
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+        self.queue.clear()
+        if not self._socket_gone():
+            self.manager.cancel_fd(self.fd)
+        if self.bgid is not None:
+            self.manager.unregister_buf_ring(self.bgid)
+            self.bgid = None
+        self.socket.close()
+        self._wake()
 
     def stats(self) -> StreamStats:
         """Counts of sends and notifications so far, and the strategy in use."""
@@ -459,6 +692,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             strategy=self.strategy.name,
             sends=c.sends,
             bytes_sent=c.bytes,
+            bytes_copied=c.bytes_copied,
             notifications=c.notifications,
             notifications_copied=c.copied,
             notifications_zerocopy=c.notifications - c.copied,

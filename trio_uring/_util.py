@@ -19,6 +19,11 @@ class ConflictDetector:
         self._msg = msg
         self._held = False
 
+    @property
+    def busy(self) -> bool:
+        """True while a task is inside."""
+        return self._held
+
     def __enter__(self) -> None:
         if self._held:
             raise trio.BusyResourceError(self._msg)

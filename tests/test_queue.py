@@ -1,0 +1,263 @@
+"""The outbound queue and the send strategies' bookkeeping, without the kernel.
+
+A model of the kernel drives the queue: requests take segments, complete
+with short or full results, and get their notifications later, in any order
+the test draws.  The model checks, at each notification, that the bytes the
+request read are still the bytes that were queued: invariant 1 (no slice is
+rewritten while a send that reads it waits for its notification), and
+invariant 2 (bytes go out in order, each once).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trio_uring import _abi
+from trio_uring._buffers import ProvidedRing, RegisteredArena, decode_fixed_provided
+from trio_uring._manager import SendCounters
+from trio_uring._queue import OutboundQueue
+from trio_uring._send import FixedProvidedBundle, SendRequest
+
+
+def make_queue(n_slices: int = 4, slice_size: int = 64, limit: int = 2) -> OutboundQueue:
+    return OutboundQueue(RegisteredArena(n_slices * slice_size, slice_size), limit)
+
+
+def queued_bytes(queue: OutboundQueue) -> bytes:
+    return b"".join(bytes(queue.view[o : o + n]) for o, n, _ in queue.unsent)
+
+
+def test_small_writes_pack_into_one_segment() -> None:
+    queue = make_queue()
+    for i in range(10):
+        assert queue.write(memoryview(bytes([i]) * 5)) == 5
+    assert len(queue.unsent) == 1 and queue.nbytes == 50 and queue.held == 1
+    assert queued_bytes(queue) == b"".join(bytes([i]) * 5 for i in range(10))
+
+
+def test_write_stops_at_the_limit_and_resumes_where_it_stopped() -> None:
+    queue = make_queue(n_slices=4, slice_size=64, limit=2)
+    data = memoryview(bytes(range(200)))
+    assert queue.write(data) == 128
+    assert not queue.writable and queue.at_limit
+    sent = queue.take(10)
+    assert sum(n for _, n, _ in sent) == 128
+    queue.release(sent)  # a copied send: done at its result
+    assert queue.writable
+    assert queue.write(data, 128) == 200
+    assert queued_bytes(queue) == bytes(range(128, 200))
+
+
+def test_tail_returns_to_the_arena_once_nothing_reads_it() -> None:
+    queue = make_queue()
+    queue.write(memoryview(b"a" * 10))
+    request = queue.take(1)
+    queue.write(memoryview(b"b" * 10))
+    # The request still reads bytes 0-9: the new bytes go after them.
+    assert queue.unsent[0][0] == request[0][0] + 10
+    queue.release(request)
+    assert queue.held == 1
+    queue.release(queue.take(1))
+    # Idle: the stream holds no slice.
+    assert queue.held == 0 and queue.arena.free_count == 4
+    queue.write(memoryview(b"c" * 10))
+    # The slice released last comes back first (it is the one still cached).
+    assert queue.unsent[0][0] == request[0][0] and queue.held == 1
+
+
+def test_requeue_puts_the_rest_first_with_counts_of_its_own() -> None:
+    queue = make_queue(n_slices=4, slice_size=64, limit=4)
+    queue.write(memoryview(bytes(range(150))))
+    request = queue.take(10)
+    queue.write(memoryview(bytes(range(150, 160))))
+    queue.requeue(request, 70)
+    queue.release(request)  # the short request's notification
+    assert queued_bytes(queue) == bytes(range(70, 160))
+    queue.release(queue.take(10))
+    queue.clear()
+    assert queue.held == 0 and queue.arena.free_count == 4 and set(queue.refs) == {0}
+
+
+def test_consume_frees_slices_a_plain_send_copied() -> None:
+    freed = []
+    queue = OutboundQueue(RegisteredArena(4 * 64, 64), 4, lambda: freed.append(1))
+    queue.write(memoryview(bytes(200)))
+    queue.consume(130)
+    assert len(freed) == 2 and queue.nbytes == 70
+    assert queue.unsent[0][0] % 64 == 2  # 130 = two slices and 2 bytes
+
+
+def test_reserve_and_commit_append_in_place() -> None:
+    queue = make_queue()
+    queue.write(memoryview(b"head"))
+    view = queue.reserve(6)
+    assert view is not None
+    view[:] = b"placed"
+    view.release()
+    queue.commit(6)
+    assert queued_bytes(queue) == b"headplaced" and len(queue.unsent) == 1
+
+
+def test_a_retired_tail_never_returns_to_the_arena() -> None:
+    queue = make_queue(limit=2)
+    assert queue.reserve(10) is not None
+    queue.retire_tail()
+    assert queue.held == 0 and queue.arena.free_count == 3
+    queue.write(memoryview(b"x"))
+    queue.clear()
+    assert queue.arena.free_count == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_model_kernel_never_sees_rewritten_or_reordered_bytes(data: st.DataObject) -> None:
+    queue = make_queue(n_slices=6, slice_size=32, limit=data.draw(st.integers(1, 6)))
+    written = bytearray()
+    wire = bytearray()
+    # Requests whose bytes were sent and whose notification is outstanding,
+    # with the bytes they read as they were when sent.
+    awaiting: list[tuple[list[list[int]], bytes]] = []
+    counter = 0
+    for _ in range(data.draw(st.integers(1, 60))):
+        action = data.draw(st.sampled_from(["write", "send", "notify"]))
+        if action == "write":
+            n = data.draw(st.integers(1, 80))
+            chunk = bytes((counter + i) % 251 for i in range(n))
+            counter += n
+            pos = queue.write(memoryview(chunk))
+            written += chunk[:pos]
+            assert queue.held <= queue.limit
+        elif action == "send" and queue.nbytes:
+            segments = queue.take(data.draw(st.integers(1, 4)))
+            read = b"".join(bytes(queue.view[o : o + n]) for o, n, _ in segments)
+            sent = data.draw(st.integers(0, len(read)))
+            wire += read[:sent]
+            if sent < len(read):
+                queue.requeue(segments, sent)
+            awaiting.append((segments, read))
+        elif action == "notify" and awaiting:
+            segments, read = awaiting.pop(data.draw(st.integers(0, len(awaiting) - 1)))
+            now = b"".join(bytes(queue.view[o : o + n]) for o, n, _ in segments)
+            assert now == read, "a slice was rewritten before its notification"
+            queue.release(segments)
+    assert bytes(wire) == bytes(written[: len(wire)])
+    assert bytes(written[len(wire) :]) == queued_bytes(queue)
+    for segments, read in awaiting:
+        now = b"".join(bytes(queue.view[o : o + n]) for o, n, _ in segments)
+        assert now == read, "a slice was rewritten before its notification"
+        queue.release(segments)
+    queue.clear()
+    assert queue.held == 0 and queue.arena.free_count == 6 and set(queue.refs) == {0}
+
+
+class FakeRing:
+    """Records what a strategy prepares instead of submitting it."""
+
+    def __init__(self) -> None:
+        self.sqes: list[tuple[object, int, dict[str, int]]] = []
+
+    def start(self, entry: object, opcode: int, fd: int, **sqe: int) -> int:
+        self.sqes.append((entry, opcode, sqe))
+        return len(self.sqes)
+
+
+class FakeStream:
+    """The parts of a ZeroCopyStream a strategy and its requests use."""
+
+    fd, bgid = 3, 7
+
+    def __init__(self) -> None:
+        arena = RegisteredArena(4 * 1024, 1024)
+        self.manager = type("Manager", (), {"arena": arena, "ring": FakeRing()})()
+        self.queue = OutboundQueue(arena, 4)
+        self.provided_ring = ProvidedRing(4, fixed=True)
+        self.counters = SendCounters()
+        self.unpublished_head = False
+        self.in_flight: SendRequest | None = None
+
+    def begin(self, request: SendRequest) -> None:
+        self.in_flight = request
+
+    def send_completed(self, request: SendRequest, res: int) -> None:
+        self.in_flight = None
+        self.counters.sent(res)
+        if res < request.nbytes:
+            self.queue.requeue(request.segments, res)
+
+    def notified(self, copied: bool) -> None:
+        self.counters.notified(copied)
+
+
+def test_bundle_sqe_and_entries() -> None:
+    """The SQE the seed-patchset strategy submits, and the entries it picks."""
+    stream = FakeStream()
+    stream.queue.write(memoryview(bytes(1500)))
+    FixedProvidedBundle().flush(stream)  # type: ignore[arg-type]
+    (_, opcode, sqe), = stream.manager.ring.sqes
+    assert opcode == _abi.IORING_OP_SEND_ZC
+    assert sqe["sqe_flags"] == _abi.IOSQE_BUFFER_SELECT
+    assert sqe["ioprio"] == (
+        _abi.IORING_RECVSEND_FIXED_BUF
+        | _abi.IORING_RECVSEND_BUNDLE
+        | _abi.IORING_SEND_ZC_REPORT_USAGE
+    )
+    assert sqe["buf_index"] == 7  # the buffer group, in the buf_group union
+    assert sqe["addr"] == 0 and sqe["length"] == 0  # the kernel picks the entries
+    ring = stream.provided_ring
+    published = [struct.unpack_from("<QIH", ring.memory, i * 16) for i in range(ring.published)]
+    assert [(decode_fixed_provided(a), n, bid) for a, n, bid in published] == [
+        ((0, 0), 1024, 0),
+        ((0, 1024), 476, 1),
+    ]
+
+
+def test_short_bundle_send_finishes_the_partial_entry_before_the_rest() -> None:
+    """After a short bundle send the partly sent entry goes out alone (the
+    kernel consumed it), then the untouched entries, which stay published:
+    each byte once and in order."""
+    stream = FakeStream()
+    strategy = FixedProvidedBundle()
+    for i in range(3):
+        stream.queue.write(memoryview(bytes([i]) * 1000))
+    # Entries of 1024, 1024 and 952 bytes.  Bundle: 1500 bytes, the first
+    # entry and part of the second; then that entry's rest; then the last.
+    results = iter([1500, 548, 952])
+    wire = bytearray()
+    while stream.queue.nbytes:
+        strategy.flush(stream)  # type: ignore[arg-type]
+        request, _, sqe = stream.manager.ring.sqes[-1]
+        assert isinstance(request, SendRequest)
+        res = next(results)
+        read = b"".join(bytes(stream.queue.view[o : o + n]) for o, n, _ in request.segments)
+        wire += read[:res]
+        kind = "bundle" if sqe["sqe_flags"] & _abi.IOSQE_BUFFER_SELECT else "single"
+        if kind == "single":
+            assert sqe["addr"] == stream.manager.arena.base + request.segments[0][0]
+        request.complete(res, _abi.IORING_CQE_F_MORE)
+        request.complete(0, _abi.IORING_CQE_F_NOTIF)
+    kinds = [
+        "bundle" if sqe["sqe_flags"] & _abi.IOSQE_BUFFER_SELECT else "single"
+        for _, _, sqe in stream.manager.ring.sqes
+    ]
+    assert kinds == ["bundle", "single", "bundle"]
+    assert bytes(wire) == b"".join(bytes([i]) * 1000 for i in range(3))
+    assert stream.provided_ring.published == 0
+    assert stream.counters.bytes == 3000 and stream.counters.notifications == 3
+    stream.queue.clear()
+    assert stream.queue.held == 0
+
+
+@pytest.mark.parametrize("flags", [0, _abi.IORING_CQE_F_MORE])
+def test_request_releases_at_result_only_without_a_notification_to_come(flags: int) -> None:
+    stream = FakeStream()
+    stream.queue.write(memoryview(bytes(100)))
+    request = SendRequest(stream, stream.queue.take(1))  # type: ignore[arg-type]
+    stream.queue.clear()
+    assert stream.queue.held == 1
+    done = request.complete(100, flags)
+    assert done == (not flags)
+    assert stream.queue.held == (1 if flags else 0)

@@ -1,0 +1,300 @@
+"""The outbound queue of one stream: bytes accepted by ``send_all`` and not
+yet handed to the kernel, held in registered slices.
+
+Pure bookkeeping, like ``_buffers``: nothing here waits, talks to trio or
+enters the kernel, so every rule can be tested without a socket.
+
+A queue owns a *tail* slice that small messages are appended to, so that
+many of them pack densely into one slice and go out in one request.  Once
+everything in the tail has been sent and the kernel let go of it, the tail
+goes back to the arena: an idle stream holds no slice, so ten thousand
+mostly idle connections can share an arena of a few hundred slices.  Queued
+bytes are a sequence of *segments* ``[offset, length, slice]``: a run of
+bytes at ``offset`` in the arena, inside ``slice``.  A send request takes
+segments from the front; a short send puts what is left back in front.
+
+Reuse is gated by reference counts kept in the arena (``arena.refs``): a
+slice is counted once while it is the tail, once for every queued segment in
+it, and once for every request in flight that reads it.  Only when its count
+reaches zero does it return to the arena; for zero-copy sends a request
+drops its counts when the kernel's notification arrives, never at the send
+result.  Appending to the tail past the bytes a request reads never changes
+them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from ._buffers import RegisteredArena
+
+#: A queued run of bytes: ``[arena offset, length, slice id]`` (mutable, so
+#: appending to the tail extends the last segment in place).
+Segment = list[int]
+
+
+class OutboundQueue:
+    """Queued bytes of one stream, in at most ``limit`` slices of ``arena``.
+
+    ``on_free`` is called whenever this queue may have gained room: a slice
+    it held went back to the arena, or a request let go of its slices (the
+    tail may then be rewound).
+    """
+
+    __slots__ = (
+        "arena",
+        "fill",
+        "held",
+        "limit",
+        "nbytes",
+        "on_free",
+        "refs",
+        "reserved",
+        "slice_size",
+        "tail",
+        "tail_offset",
+        "unsent",
+        "view",
+    )
+
+    def __init__(
+        self, arena: RegisteredArena, limit: int, on_free: Callable[[], None] | None = None
+    ) -> None:
+        self.arena = arena
+        self.refs = arena.refs
+        self.view = arena.view
+        self.slice_size = arena.slice_size
+        self.limit = limit
+        self.on_free = on_free
+        #: Slices this queue holds (tail, queued, or read by a request in flight).
+        self.held = 0
+        self.unsent: deque[Segment] = deque()
+        #: Bytes queued and not yet taken by a request.
+        self.nbytes = 0
+        self.tail = -1
+        self.tail_offset = 0
+        self.fill = 0
+        #: The slice ``reserve`` counted once more, until commit or unreserve.
+        self.reserved = -1
+
+    # -- writing ----------------------------------------------------------------
+
+    def write(self, data: memoryview, pos: int = 0) -> int:
+        """Copy ``data[pos:]`` into the queue as far as it fits without
+        waiting for a slice; return the position reached."""
+        total = len(data)
+        size = self.slice_size
+        view, refs, unsent = self.view, self.refs, self.unsent
+        tail, fill = self.tail, self.fill
+        if tail >= 0 and fill + total - pos <= size:
+            # The common case, a small message: it fits at the tail.
+            n = total - pos
+            start = self.tail_offset + fill
+            view[start : start + n] = data[pos:] if pos else data
+            last = unsent[-1] if unsent else None
+            if last is not None and last[2] == tail and last[0] + last[1] == start:
+                last[1] += n
+            else:
+                unsent.append([start, n, tail])
+                refs[tail] += 1
+            self.fill = fill + n
+            self.nbytes += n
+            return total
+        while pos < total:
+            tail, fill = self.tail, self.fill
+            if fill == size or tail < 0:
+                if not self._new_tail():
+                    break
+                tail, fill = self.tail, 0
+            n = min(size - fill, total - pos)
+            start = self.tail_offset + fill
+            view[start : start + n] = data[pos : pos + n]
+            last = unsent[-1] if unsent else None
+            if last is not None and last[2] == tail and last[0] + last[1] == start:
+                last[1] += n
+            else:
+                unsent.append([start, n, tail])
+                refs[tail] += 1
+            self.fill = fill + n
+            self.nbytes += n
+            pos += n
+        return pos
+
+    def reserve(self, nbytes: int) -> memoryview | None:
+        """A writable view of ``nbytes`` free bytes at the tail (``nbytes`` at
+        most ``slice_size``), or None when that needs a slice not free now.
+
+        The tail is counted once more until ``commit(nbytes)`` queues the
+        bytes or ``unreserve()`` gives them up, so that it stays the tail.
+        """
+        if self.tail < 0 or self.slice_size - self.fill < nbytes:
+            if not self._new_tail():
+                return None
+        self.reserved = self.tail
+        self.refs[self.tail] += 1
+        start = self.tail_offset + self.fill
+        return self.view[start : start + nbytes]
+
+    def unreserve(self) -> None:
+        """Give up what ``reserve`` handed out, queueing nothing."""
+        reserved, self.reserved = self.reserved, -1
+        self.unref(reserved)
+        self._drop_idle_tail()
+
+    def commit(self, nbytes: int) -> None:
+        """Queue ``nbytes`` written into the view ``reserve`` returned."""
+        self.refs[self.reserved] -= 1
+        self.reserved = -1
+        start = self.tail_offset + self.fill
+        unsent = self.unsent
+        last = unsent[-1] if unsent else None
+        if last is not None and last[2] == self.tail and last[0] + last[1] == start:
+            last[1] += nbytes
+        else:
+            unsent.append([start, nbytes, self.tail])
+            self.refs[self.tail] += 1
+        self.fill += nbytes
+        self.nbytes += nbytes
+
+    def retire_tail(self) -> None:
+        """Give up the tail slice for good (something outside the library may
+        still write into it): it never returns to the arena, and no longer
+        counts against this queue's share."""
+        self.held -= 1
+        self.tail = -1
+        self.fill = 0
+
+    def _drop_idle_tail(self) -> None:
+        """Nothing is queued and nothing reads the tail: return it."""
+        tail = self.tail
+        if tail >= 0 and not self.nbytes and self.refs[tail] == 1:
+            self.tail = -1
+            self.fill = 0
+            self.unref(tail)
+
+    def _new_tail(self) -> bool:
+        """Drop the full tail and take a free slice; False if none may be taken."""
+        if self.tail >= 0:
+            old, self.tail = self.tail, -1
+            self.unref(old)
+        if self.held >= self.limit:
+            return False
+        got = self.arena.acquire(1)
+        if not got:
+            return False
+        self.adopt(got[0])
+        return True
+
+    def adopt(self, slice_id: int) -> None:
+        """Make ``slice_id`` (just taken from the arena) the new tail."""
+        if self.tail >= 0:
+            old, self.tail = self.tail, -1
+            self.unref(old)
+        self.refs[slice_id] = 1
+        self.held += 1
+        self.tail = slice_id
+        self.tail_offset = slice_id * self.slice_size
+        self.fill = 0
+
+    @property
+    def writable(self) -> bool:
+        """True when ``write`` can copy at least one byte without waiting."""
+        if self.tail >= 0 and self.fill < self.slice_size:
+            return True
+        return not self.at_limit and self.arena.available
+
+    @property
+    def at_limit(self) -> bool:
+        """True when this queue may take no further slice (its share is used)."""
+        return self.held - (self.tail >= 0 and self.refs[self.tail] == 1) >= self.limit
+
+    # -- sending ----------------------------------------------------------------
+
+    def take(self, max_segments: int) -> list[Segment]:
+        """Remove up to ``max_segments`` segments from the front for a
+        request; their slice counts move to the request."""
+        unsent = self.unsent
+        n = min(max_segments, len(unsent))
+        segments = [unsent.popleft() for _ in range(n)]
+        self.nbytes -= sum(s[1] for s in segments)
+        return segments
+
+    def take_run(self) -> list[Segment]:
+        """Remove the segments that lie back to back in the arena at the
+        front: one contiguous range, for a request that takes one address."""
+        unsent = self.unsent
+        first = unsent.popleft()
+        run = [first]
+        end = first[0] + first[1]
+        nbytes = first[1]
+        while unsent and unsent[0][0] == end:
+            seg = unsent.popleft()
+            run.append(seg)
+            end += seg[1]
+            nbytes += seg[1]
+        self.nbytes -= nbytes
+        return run
+
+    def consume(self, nbytes: int) -> None:
+        """The first ``nbytes`` queued bytes were copied by the kernel (a
+        plain send): drop them, releasing slices nothing else reads."""
+        unsent = self.unsent
+        self.nbytes -= nbytes
+        while nbytes:
+            seg = unsent[0]
+            if seg[1] > nbytes:
+                seg[0] += nbytes
+                seg[1] -= nbytes
+                return
+            nbytes -= seg[1]
+            unsent.popleft()
+            self.unref(seg[2])
+        self._drop_idle_tail()
+
+    def requeue(self, segments: list[Segment], sent: int) -> None:
+        """A request that took ``segments`` sent only ``sent`` bytes: put the
+        rest back in front, in order, with counts of its own (the request
+        drops its counts separately)."""
+        rest: list[Segment] = []
+        for offset, length, slice_id in segments:
+            if sent >= length:
+                sent -= length
+                continue
+            rest.append([offset + sent, length - sent, slice_id])
+            sent = 0
+        refs = self.refs
+        for seg in rest:
+            refs[seg[2]] += 1
+        self.unsent.extendleft(reversed(rest))
+        self.nbytes += sum(s[1] for s in rest)
+
+    def release(self, segments: Iterable[Segment]) -> None:
+        """A request that read ``segments`` is done with them."""
+        for seg in segments:
+            self.unref(seg[2])
+        self._drop_idle_tail()
+        if self.on_free is not None:
+            self.on_free()
+
+    def unref(self, slice_id: int) -> None:
+        refs = self.refs
+        count = refs[slice_id] - 1
+        refs[slice_id] = count
+        if not count:
+            self.held -= 1
+            self.arena.release((slice_id,))
+            if self.on_free is not None:
+                self.on_free()
+
+    def clear(self) -> None:
+        """Drop everything queued and the tail (the stream is closing).
+        Requests in flight keep their counts until they end."""
+        unsent, self.unsent = self.unsent, deque()
+        self.nbytes = 0
+        for seg in unsent:
+            self.unref(seg[2])
+        if self.tail >= 0:
+            old, self.tail = self.tail, -1
+            self.fill = 0
+            self.unref(old)
