@@ -171,3 +171,14 @@ def executable_copy(script: Path) -> Path:
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _copies[script] = copy
     return _copies[script]
+
+
+def nic_unavailable() -> str | None:
+    """Why this host cannot give a guest a NIC in a private namespace, or None."""
+    if os.geteuid() != 0:
+        return "the NIC tests create a network namespace and a tap device: run as root"
+    if shutil.which("ip") is None:
+        return "the 'ip' command is missing (apt-get install iproute2)"
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing (no tun/tap support)"
+    return None

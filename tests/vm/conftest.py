@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _vm import KERNEL_ENV, Guest, guest, strict, unavailable
+from _vm import KERNEL_ENV, Guest, guest, nic_unavailable, strict, unavailable
 
 HERE = Path(__file__).resolve().parent
 IN_GUEST = bool(os.environ.get("RUN_IN_VM"))
@@ -53,6 +53,13 @@ def seed_guest(request: pytest.FixtureRequest) -> Guest:
     """A bootable seed kernel, once per addr split (32/32 as posted, 20/44)."""
     require(request, unavailable(request.param))
     return guest(request.param)
+
+
+@pytest.fixture(scope="session")
+def nic_guest(request: pytest.FixtureRequest, seed_guest: Guest) -> Guest:
+    """``seed_guest`` on a host that can give it a virtio NIC in a private namespace."""
+    require(request, nic_unavailable())
+    return seed_guest
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
