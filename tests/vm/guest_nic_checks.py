@@ -96,11 +96,17 @@ async def test_notifications_report_zero_copy_and_bytes_arrive(strategy: str | N
         assert result == {"bytes": len(data), "sha256": sha(data), "end": "eof"}
         assert stats.notifications == stats.sends > 32, stats
         assert stats.notifications_zerocopy > 0, stats
-        # Measured here: back-to-back sends see an occasional notification
-        # that says copied (a few percent with one request per 16 KiB slice,
-        # now and then one with bundles); never a run long enough to move a
-        # library-chosen stream off zero copy, which the next line checks.
-        assert stats.notifications_copied * 10 <= stats.notifications, stats
+        if stats.strategy == BUNDLE:
+            # One request per batch of slices: nearly every notification
+            # says zero copy (measured: none or one copied in a run).
+            assert stats.notifications_copied * 10 <= stats.notifications, stats
+        # One request per 16 KiB slice (fixed-single) measured 0.1-33 % of
+        # notifications flagged copied, varying from run to run with how
+        # back-to-back the requests were (likely cause: the kernel links the
+        # notification of a request whose data joins the previous request's
+        # skb to that request's, and records zero-copy use on the first
+        # only).  Notifications saying zero copy, which loopback never
+        # gives, are what this strategy is checked for.
         assert stats.strategy == (strategy or BUNDLE), stats
         assert_quiet(manager)
 
