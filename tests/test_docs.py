@@ -42,7 +42,7 @@ def sphinx(builder: str, out: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("dot") is None:
-        pytest.fail("graphviz's dot is not installed; .ci/run installs it with apt-get")
+        pytest.fail("graphviz's dot is not installed; scripts/test.sh installs it with apt-get")
     out = tmp_path_factory.mktemp("html")
     done = sphinx("html", out)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -147,3 +147,23 @@ def test_kernel_support_explains_every_report_line() -> None:
     assert "send strategy" in labels, report
     missing = [label for label in labels if f"``{label}``" not in page]
     assert not missing, f"docs/kernel-support.rst does not explain: {missing}"
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """A new user runs what CI runs: the README's test command does the whole
+    set-up (system packages included), and ``.ci/run`` calls exactly it."""
+    readme = (ROOT / "README.md").read_text()
+    after = readme.split("Run the tests", 1)[1]
+    command = re.search(r"^    (\S.*)$", after, re.M)
+    assert command, "no indented command under 'Run the tests'"
+    ci_lines = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert ci_lines[-1] == command.group(1)
+    script = ROOT / command.group(1).removeprefix("./")
+    text = script.read_text()
+    for package in ("graphviz", "socat", "netcat-openbsd", "curl", "openssl", "qemu-system-x86"):
+        assert package in text, package
+    assert "pip install" in text and "-m pytest" in text

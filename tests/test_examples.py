@@ -30,7 +30,7 @@ CLIENT_TIMEOUT = 30.0
 def need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        pytest.fail(f"{tool} is not installed; .ci/run installs it with apt-get")
+        pytest.fail(f"{tool} is not installed; scripts/test.sh installs it with apt-get")
     return path
 
 

@@ -43,6 +43,7 @@ def test_this_kernel_uses_vectored_fixed_and_lacks_the_seed_patchset() -> None:
     assert f.sendmsg_zc_fixed_vectored and f.send_zc_fixed and f.send_zc
     assert not f.fixed_provided_send_zc
     assert f.fixed_provided_detail == "not supported by this kernel (EOPNOTSUPP)"
+    assert f.fixed_provided_split is None
     assert {"SEND_ZC", "SENDMSG_ZC", "ASYNC_CANCEL", "ACCEPT", "RECV"} <= f.ops
     assert f.zc_copied_on_loopback is True
 
@@ -85,3 +86,19 @@ def test_report_says_why_io_uring_is_off() -> None:
     assert "socket" in text
     data = json.loads(run_report("--json", env_extra={"TRIO_URING_DISABLE": "1"}))
     assert data["strategy"] == "socket" and data["io_uring"] is False
+
+
+def test_probed_split_names_the_shift_entries_are_written_with() -> None:
+    f = features()
+    assert dataclasses.replace(f, fixed_provided_split="32/32").fixed_provided_index_bits == 32
+    assert dataclasses.replace(f, fixed_provided_split="20/44").fixed_provided_index_bits == 20
+    # No split probed: no kernel reads the entries, the default layout serves.
+    assert dataclasses.replace(f, fixed_provided_split=None).fixed_provided_index_bits == 20
+
+
+def test_report_names_the_probed_split() -> None:
+    text = run_report()
+    split = features().fixed_provided_split
+    line = next(ln for ln in text.splitlines() if ln.startswith("fixed-provided addr split:"))
+    assert line.split(":", 1)[1].strip() == (split or "none probed")
+    assert json.loads(run_report("--json"))["fixed_provided_split"] == split

@@ -39,6 +39,7 @@ def render(f: Features) -> str:
         ("multishot accept", _yes(f.accept_multishot)),
         ("multishot recv", _yes(f.recv_multishot)),
         ("fixed-provided SEND_ZC", f.fixed_provided_detail),
+        ("fixed-provided addr split", f.fixed_provided_split or "none probed"),
         ("send strategy", f.strategy),
     ]
     lines += [f"{label + ':':<27}{value}" for label, value in rows]

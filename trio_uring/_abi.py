@@ -7,6 +7,8 @@ build machine's ``<linux/io_uring.h>`` is never consulted.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 # enum io_uring_op
 IORING_OP_NOP = 0
 IORING_OP_READ_FIXED = 4
@@ -96,12 +98,37 @@ IORING_UNREGISTER_PBUF_RING = 23
 # io_uring_probe_op.flags
 IO_URING_OP_SUPPORTED = 1 << 0
 
-# Fixed-provided buffer encoding of the seed patchset: a provided-buffer
-# entry's addr names (registered buffer index, offset) instead of a pointer.
-# 20 index bits, 44 offset bits.
-FIXED_PROVIDED_INDEX_BITS = 20
-FIXED_PROVIDED_INDEX_MASK = (1 << FIXED_PROVIDED_INDEX_BITS) - 1
-FIXED_PROVIDED_MAX_OFFSET = (1 << 44) - 1
+
+# Fixed-provided buffer encoding of the seed patchset (an RFC, never merged):
+# a provided-buffer entry's addr names (registered buffer index, offset)
+# instead of a pointer, as addr = (offset << index_bits) | index.  Two splits
+# exist and a kernel decodes exactly one of them, so ``_features`` probes
+# which.  Keyed by the shift, ``index_bits``:
+#
+# - 32/32, the RFC as posted (include/uapi/linux/io_uring.h,
+#   IOU_BUF_REGBUF_BITS = IOU_BUF_OFFSET_BITS = 32); its io_ubuf_from_buf()
+#   keeps the index in a u16, so only 16 of the 32 index bits are honoured
+#   and a larger index silently names another buffer.
+# - 20/44, the split its author changed to after review.
+class FixedProvidedSplit(NamedTuple):
+    """One layout of a fixed-provided entry's addr."""
+
+    name: str
+    #: the shift: addr = (offset << index_bits) | index
+    index_bits: int
+    #: the largest registered buffer index the kernel decodes as written
+    max_index: int
+    #: the largest offset the addr can carry
+    max_offset: int
+
+
+FIXED_PROVIDED_SPLITS: dict[int, FixedProvidedSplit] = {
+    20: FixedProvidedSplit("20/44", 20, (1 << 20) - 1, (1 << 44) - 1),
+    32: FixedProvidedSplit("32/32", 32, (1 << 16) - 1, (1 << 32) - 1),
+}
+#: The split written where none was probed (no kernel reads the entries then;
+#: the library decodes them itself, so any split works; 20/44 has the room).
+FIXED_PROVIDED_DEFAULT_INDEX_BITS = 20
 
 # Limits the kernel enforces that the library's policy has to respect.
 MAX_BUF_RING_ENTRIES = 1 << 15

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 from . import _abi
+from ._features import features
 from ._shim_cffi import ffi, lib
 
 
@@ -26,18 +27,49 @@ class MemlockError(OSError):
     """Registering the arena was refused because of ``RLIMIT_MEMLOCK``."""
 
 
-def encode_fixed_provided(buf_index: int, offset: int) -> int:
-    """The addr of a fixed-provided entry: ``(offset << 20) | buf_index``."""
-    if not 0 <= buf_index <= _abi.FIXED_PROVIDED_INDEX_MASK:
-        raise ValueError(f"registered buffer index {buf_index} does not fit in 20 bits")
-    if not 0 <= offset <= _abi.FIXED_PROVIDED_MAX_OFFSET:
-        raise ValueError(f"offset {offset} does not fit in 44 bits")
-    return (offset << _abi.FIXED_PROVIDED_INDEX_BITS) | buf_index
+def fixed_provided_split(index_bits: int | None = None) -> _abi.FixedProvidedSplit:
+    """The addr layout for ``index_bits`` (20 or 32); by default the probed one.
+
+    The seed patchset's uapi is not settled: the kernel that runs decides
+    how many low bits of an entry's addr are the registered buffer index, and
+    an entry written for another split names other bytes.  So the default is
+    what ``features()`` found this kernel to decode.
+    """
+    if index_bits is None:
+        index_bits = features().fixed_provided_index_bits
+    try:
+        return _abi.FIXED_PROVIDED_SPLITS[index_bits]
+    except KeyError:
+        known = sorted(_abi.FIXED_PROVIDED_SPLITS)
+        raise ValueError(
+            f"no fixed-provided split with {index_bits} index bits; one of {known}"
+        ) from None
 
 
-def decode_fixed_provided(addr: int) -> tuple[int, int]:
-    """Inverse of ``encode_fixed_provided``: ``(buf_index, offset)``."""
-    return addr & _abi.FIXED_PROVIDED_INDEX_MASK, addr >> _abi.FIXED_PROVIDED_INDEX_BITS
+def encode_fixed_provided(buf_index: int, offset: int, index_bits: int | None = None) -> int:
+    """The addr of a fixed-provided entry: ``(offset << index_bits) | buf_index``.
+
+    Refuses what the split cannot carry instead of truncating it: the kernel
+    would read a truncated addr as another buffer or offset and send bytes
+    nobody wrote there.
+    """
+    split = fixed_provided_split(index_bits)
+    if not 0 <= buf_index <= split.max_index:
+        raise ValueError(
+            f"registered buffer index {buf_index} does not fit the {split.name} split "
+            f"(at most {split.max_index})"
+        )
+    if not 0 <= offset <= split.max_offset:
+        raise ValueError(
+            f"offset {offset} does not fit the {split.name} split (at most {split.max_offset})"
+        )
+    return (offset << split.index_bits) | buf_index
+
+
+def decode_fixed_provided(addr: int, index_bits: int | None = None) -> tuple[int, int]:
+    """``(buf_index, offset)`` as a kernel with this split reads ``addr``."""
+    split = fixed_provided_split(index_bits)
+    return addr & split.max_index, addr >> split.index_bits
 
 
 class _Ticket:
@@ -152,12 +184,14 @@ class ProvidedRing:
     strategy hands the kernel addresses straight from the outbound queue.
     """
 
-    def __init__(self, entries: int, *, fixed: bool = True) -> None:
+    def __init__(self, entries: int, *, fixed: bool = True, index_bits: int | None = None) -> None:
         if entries < 1 or entries > _abi.MAX_BUF_RING_ENTRIES or entries & (entries - 1):
             raise ValueError("ring entries must be a power of two between 1 and 32768")
         self.entries = entries
         self.mask = entries - 1
         self.fixed = fixed
+        #: The addr layout of fixed entries: the split this kernel decodes.
+        self.split = fixed_provided_split(index_bits) if fixed else None
         self.memory = mmap.mmap(-1, max(mmap.PAGESIZE, entries * 16))
         self.bufs = ffi.cast("struct io_uring_buf *", ffi.from_buffer(self.memory))
         self.address: int = int(ffi.cast("uintptr_t", self.bufs))
@@ -179,10 +213,19 @@ class ProvidedRing:
         then release-store the new tail."""
         bufs, mask, tail, put = self.bufs, self.mask, self.tail, lib.tu_buf_ring_put
         fixed, buf_index, base = self.fixed, arena.buf_index, arena.base
+        shift = 0
+        if fixed:
+            # Checked once for the whole arena, before any entry is written:
+            # an entry the kernel cannot decode would stay at the ring head
+            # and fail every later send on this buffer group.
+            split = self.split
+            assert split is not None
+            encode_fixed_provided(buf_index, arena.size - 1, split.index_bits)
+            shift = split.index_bits
         for offset, length, slice_id in segments:
             if tail - self.head >= self.entries:
                 raise RuntimeError("provided ring overflow: more entries published than it holds")
-            addr = encode_fixed_provided(buf_index, offset) if fixed else base + offset
+            addr = (offset << shift) | buf_index if fixed else base + offset
             put(bufs, mask, tail, addr, length, slice_id)
             tail += 1
         self.tail = tail

@@ -87,10 +87,21 @@ class Features:
     fixed_provided_send_zc: bool
     fixed_provided_detail: str
     strategy: str
+    #: The fixed-provided addr split this kernel decodes ("20/44", "32/32"),
+    #: None where it decodes none (the seed patchset is absent).
+    fixed_provided_split: str | None = None
 
     @property
     def setup_flag_names(self) -> tuple[str, ...]:
         return setup_flag_names(self.setup_flags)
+
+    @property
+    def fixed_provided_index_bits(self) -> int:
+        """The shift of the probed split, or the default where none was probed."""
+        for bits, split in _abi.FIXED_PROVIDED_SPLITS.items():
+            if split.name == self.fixed_provided_split:
+                return bits
+        return _abi.FIXED_PROVIDED_DEFAULT_INDEX_BITS
 
     def as_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)
@@ -309,11 +320,36 @@ def _send_bundle(ring: Ring, mem: _ProbeMemory, client, server) -> bool:
     return _recv_exact(server, 4) == b"bund"
 
 
-def _fixed_provided(ring: Ring, mem: _ProbeMemory, client, server) -> tuple[bool, str]:
-    """The seed patchset: SEND_ZC picking a fixed-provided entry."""
-    mem.mem[4000:4004] = b"fxpv"
-    offset = 4000
-    mem.provide((offset << _abi.FIXED_PROVIDED_INDEX_BITS) | 0, 4, 2)
+#: Where the split probe's entry points, per split: one addr whose offset is
+#: 32768 under 20/44 and 32768 >> 12 = 8 under 32/32 (index 0 under both).
+_SPLIT_PROBE_OFFSET = 32768
+_SPLIT_PROBE_LEN = 8
+
+
+def _split_probe_markers() -> dict[int, tuple[int, bytes]]:
+    """For each split: the offset the probe's addr names there, and its marker."""
+    addr = _SPLIT_PROBE_OFFSET << _abi.FIXED_PROVIDED_DEFAULT_INDEX_BITS
+    out = {}
+    for bits, split in _abi.FIXED_PROVIDED_SPLITS.items():
+        assert addr & split.max_index == 0, "the probe must name buffer 0 under every split"
+        out[bits] = (addr >> bits, f"sp{split.name}".encode().ljust(_SPLIT_PROBE_LEN, b"_"))
+    return out
+
+
+def _fixed_provided(ring: Ring, mem: _ProbeMemory, client, server) -> tuple[bool, str, str | None]:
+    """The seed patchset: SEND_ZC picking a fixed-provided entry, and its split.
+
+    The seed's uapi was never merged, and kernels carrying it disagree on how
+    an entry's addr splits into (buffer index, offset).  One entry whose addr
+    names a different offset under each split, each offset holding its own
+    marker, goes out over loopback TCP: the bytes that arrive tell which split
+    this kernel decodes.  Bytes matching no split mean the library cannot
+    write entries this kernel reads, so the strategy is not used.
+    """
+    markers = _split_probe_markers()
+    for offset, marker in markers.values():
+        mem.mem[offset : offset + _SPLIT_PROBE_LEN] = marker
+    mem.provide(_SPLIT_PROBE_OFFSET << _abi.FIXED_PROVIDED_DEFAULT_INDEX_BITS, _SPLIT_PROBE_LEN, 2)
     entry = _Collect()
     prep_send_zc(
         ring,
@@ -327,16 +363,19 @@ def _fixed_provided(ring: Ring, mem: _ProbeMemory, client, server) -> tuple[bool
         sqe_flags=_abi.IOSQE_BUFFER_SELECT,
     )
     if not _wait_for(ring, entry):
-        return False, "no completion within the probe's timeout"
+        return False, "no completion within the probe's timeout", None
     res = entry.res
     if entry.cqes[0][1] & _abi.IORING_CQE_F_MORE:
         _wait_for(ring, entry, 2)
     if res < 0:
         name = "EOPNOTSUPP" if -res == errno.EOPNOTSUPP else errno.errorcode.get(-res, str(-res))
-        return False, f"not supported by this kernel ({name})"
-    if res == 4 and _recv_exact(server, 4) == b"fxpv":
-        return True, "supported"
-    return False, f"unexpected result {res}"
+        return False, f"not supported by this kernel ({name})", None
+    got = _recv_exact(server, res) if res > 0 else b""
+    for bits, (_offset, marker) in markers.items():
+        if res == _SPLIT_PROBE_LEN and got == marker:
+            split = _abi.FIXED_PROVIDED_SPLITS[bits]
+            return True, f"supported, addr split {split.name} (index/offset bits)", split.name
+    return False, f"unexpected result {res} ({got!r}): the addr split matches no known one", None
 
 
 def _accept_multishot(ring: Ring) -> bool:
@@ -470,6 +509,7 @@ def probe() -> Features:
         mem = _ProbeMemory(ring)
         send_zc_fixed = sendmsg_vec = bundle = fixed_provided = False
         copied: bool | None = None
+        split: str | None = None
         fixed_detail = "SEND_ZC is not supported by this kernel"
         try:
             with _tcp_pair() as (_listener, client, server):
@@ -480,7 +520,7 @@ def probe() -> Features:
                 if mem.pbuf and "SEND" in ops:
                     bundle = _send_bundle(ring, mem, client, server)
                 if mem.pbuf and send_zc_fixed:
-                    fixed_provided, fixed_detail = _fixed_provided(ring, mem, client, server)
+                    fixed_provided, fixed_detail, split = _fixed_provided(ring, mem, client, server)
                 recv_ms = _recv_multishot(ring, client, server)
             accept_ms = _accept_multishot(ring)
         except OSError as exc:
@@ -508,6 +548,7 @@ def probe() -> Features:
         fixed_provided_send_zc=fixed_provided,
         fixed_provided_detail=fixed_detail,
         strategy="socket",
+        fixed_provided_split=split,
     )
     return dataclasses.replace(partial, strategy=choose_strategy(partial))
 
