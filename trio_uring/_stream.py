@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import operator
+import os
 import socket as _stdlib_socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from ._buffers import ProvidedEntry, ProvidedRing, SliceLease
 from ._manager import IOManager, SendCounters, current_manager
 from ._prep import prep_poll_add, prep_recv
 from ._send import STRATEGY_IMPLS, SendStrategy, check_result
+from ._sendfile import send_file as _send_file
 from ._shim_cffi import ffi
 from ._util import ConflictDetector
 
@@ -359,6 +361,25 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 await self._send_guarded(self._publish_and_send, lease, [nbytes])
             finally:
                 lease.seal()
+
+    async def send_file(
+        self, file: str | os.PathLike[str] | int | Any, offset: int = 0, count: int | None = None
+    ) -> int:
+        """Send ``count`` bytes of a file from ``offset`` (to its end if
+        ``count`` is None); return how many were sent.
+
+        ``file`` is a path, a file object with ``fileno()`` or an fd, of a
+        regular file; ``offset`` is absolute, and a file object's position
+        is neither used nor moved.  The bytes never pass through Python,
+        and with io_uring the event loop never waits for the disk: large
+        counts are spliced file -> pipe -> socket, small ones read into
+        registered slices.  Returns once every byte is handed to the kernel.
+        """
+        return await _send_file(self, file, offset, count)
+
+    async def _drain(self) -> None:
+        """Send everything queued; return when the kernel has accepted it."""
+        await trio.lowlevel.checkpoint()
 
     async def _wait_for_slices(self, needed: int) -> list[int]:
         """Backpressure: wait until this stream may hold more slices and the
