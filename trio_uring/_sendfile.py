@@ -42,7 +42,7 @@ import io
 import operator
 import os
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -69,6 +69,14 @@ PIPE_SIZE = 1 << 20
 #: Idle pipes a run keeps for the next call; more are closed on release.
 MAX_IDLE_PIPES = 16
 _POLLOUT = 0x004
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+#: What ``send_file`` takes: a path, a file object with ``fileno()``, an fd.
+FileArg = str | bytes | os.PathLike[str] | os.PathLike[bytes] | int | HasFileno
 
 
 class FileTruncatedError(OSError):
@@ -313,7 +321,7 @@ async def _open(manager: IOManager, path: object) -> int:
 
 
 async def send_file(
-    stream: ZeroCopyStream, file: Any, offset: int = 0, count: int | None = None
+    stream: ZeroCopyStream, file: FileArg, offset: int = 0, count: int | None = None
 ) -> int:
     """Send ``count`` bytes of ``file`` from ``offset`` on ``stream``; return
     how many were sent (the file's size minus ``offset`` when ``count`` is

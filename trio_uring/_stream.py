@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import errno
 import operator
-import os
 import socket as _stdlib_socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,6 +17,7 @@ from ._buffers import ProvidedEntry, ProvidedRing, SliceLease
 from ._manager import IOManager, SendCounters, current_manager
 from ._prep import prep_poll_add, prep_recv
 from ._send import STRATEGY_IMPLS, SendStrategy, check_result
+from ._sendfile import FileArg
 from ._sendfile import send_file as _send_file
 from ._shim_cffi import ffi
 from ._util import ConflictDetector
@@ -362,9 +362,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             finally:
                 lease.seal()
 
-    async def send_file(
-        self, file: str | os.PathLike[str] | int | Any, offset: int = 0, count: int | None = None
-    ) -> int:
+    async def send_file(self, file: FileArg, offset: int = 0, count: int | None = None) -> int:
         """Send ``count`` bytes of a file from ``offset`` (to its end if
         ``count`` is None); return how many were sent.
 
