@@ -132,7 +132,9 @@ async def send_error(
     status: int,
     reason: str,
     *extra: tuple[bytes, bytes],
+    head: bool = False,
 ) -> None:
+    """A short text response; for HEAD only its headers (h11 refuses a body)."""
     body = f"{status} {reason}\n".encode()
     response_headers = headers(len(body), "text/plain; charset=utf-8", *extra)
     await send(
@@ -140,7 +142,8 @@ async def send_error(
         conn,
         h11.Response(status_code=status, reason=reason.encode(), headers=response_headers),
     )
-    await send(stream, conn, h11.Data(data=body))
+    if not head:
+        await send(stream, conn, h11.Data(data=body))
     await send(stream, conn, h11.EndOfMessage())
 
 
@@ -158,7 +161,7 @@ async def send_file(
         span = byte_range(requested, size)
         if span is False:
             content_range = (b"content-range", f"bytes */{size}".encode())
-            await send_error(stream, conn, 416, "Range Not Satisfiable", content_range)
+            await send_error(stream, conn, 416, "Range Not Satisfiable", content_range, head=head)
             return
         if span is None:
             status, reason, offset, count, extra_headers = 200, b"OK", 0, size, ()
@@ -184,7 +187,7 @@ async def respond(
         return
     path = resolve(root, request.target)
     if path is None:
-        await send_error(stream, conn, 404, "Not Found")
+        await send_error(stream, conn, 404, "Not Found", head=request.method == b"HEAD")
         return
     await send_file(stream, conn, request, path)
 

@@ -148,6 +148,9 @@ def test_http_static_large_file(tmp_path: Path) -> None:
         assert f"content-length: {big.stat().st_size}" in head.stdout.decode().lower()
         assert "accept-ranges: bytes" in head.stdout.decode().lower()
 
+        # HEAD of a missing file: headers only, and the server lives on.
+        got = curl("-I", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/missing")
+        assert got.stdout.decode() == "404", got
         for path, code in [("/missing", "404"), ("/../../etc/passwd", "404")]:
             got = curl("--path-as-is", "-o", "/dev/null", "-w", "%{http_code}", base + path)
             assert got.stdout.decode() == code, (path, got)
