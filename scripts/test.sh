@@ -11,6 +11,7 @@
 #                           the example tests talk to the examples with real clients
 #      iproute2             the VM tier's NIC tests (network namespace, tap)
 #      qemu-system-x86      the VM tier (optional: without it the tier is skipped)
+#      wrk                  the load generator of bench scenario e (optional, as qemu)
 # 2. This package with its test extras, in editable mode: into the active
 #    virtualenv, or into the python3 found, or, where that python3 is the
 #    distribution's externally managed one, into ./.venv.
@@ -23,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 required=(gcc python3-dev python3-venv graphviz socat netcat-openbsd curl openssl iproute2)
-optional=(qemu-system-x86)
+optional=(qemu-system-x86 wrk)
 
 have_command() { command -v "$1" > /dev/null 2>&1; }
 
@@ -39,6 +40,7 @@ installed() {
 	netcat-openbsd) have_command nc ;;
 	iproute2) have_command ip ;;
 	qemu-system-x86) have_command qemu-system-x86_64 ;;
+	wrk) have_command wrk ;;
 	python3-dev | python3-venv) true ;;
 	*) have_command "$1" ;;
 	esac

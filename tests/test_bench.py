@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from trio_uring.bench import cli, csender, loadgen, report, scenarios, sink
+from trio_uring.bench import cli, csender, loadgen, report, scenarios, sink, static
 from trio_uring.bench.config import KIB, MIB, Config, size_label
 from trio_uring.bench.contenders import SendResult
 
@@ -21,7 +21,7 @@ from trio_uring.bench.contenders import SendResult
 def test_parse_defaults() -> None:
     args, config = cli.parse_args([])
     assert args.sink is None
-    assert config.scenarios == ("a", "b", "c", "d")
+    assert config.scenarios == ("a", "b", "c", "d", "e")
     assert not config.quick and config.reps >= 3
     assert config.out == Path("bench-results")
     assert config.connect is None and config.contenders is None
@@ -258,3 +258,90 @@ def test_quick_smoke_run(tmp_path: Path) -> None:
         assert "chart skipped" in proc.stdout
     else:
         assert (out / cli.CHART_NAME).stat().st_size > 0
+
+
+# -- scenario e: static files over HTTP ------------------------------------------
+
+_WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:1/16384.bin
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     5.00ms    1.00ms  30.00ms   90.00%
+  Latency Distribution
+     50%    4.50ms
+     75%    5.10ms
+     90%    6.00ms
+     99%    1.20s
+  4321 requests in 1.00s, 67.60MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   4321.00
+Transfer/sec:     67.60MB
+"""
+
+
+def test_parse_wrk() -> None:
+    out = static.parse_wrk(_WRK_OUTPUT)
+    assert out["requests"] == 4321 and out["requests_per_s"] == 4321.0
+    assert out["p50_us"] == pytest.approx(4500.0)
+    assert out["p99_us"] == pytest.approx(1.2e6)
+    assert out["errors"] == 7
+    with pytest.raises(ValueError, match="unreadable wrk output"):
+        static.parse_wrk("wrk: connection refused")
+
+
+def test_parse_target() -> None:
+    buffer = bytearray(b"GET /a.bin HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n")
+    assert static.parse_target(buffer) == "/a.bin"
+    assert static.parse_target(buffer) is None
+    buffer += b"\r\n"
+    assert static.parse_target(buffer) == "/b"
+    with pytest.raises(ValueError):
+        static.parse_target(bytearray(b"POST / HTTP/1.1\r\n\r\n"))
+
+
+def test_scenario_e_skipped_without_wrk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(static, "find_wrk", lambda: None)
+    config = Config(scenarios=("e",), contenders=("trio",))
+    assert scenarios.plan(config) == []
+    lineup = scenarios.resolve_contenders(config)
+    assert {"contender": "scenario e", "reason": "wrk is not installed (apt-get install wrk)"} in (
+        lineup.skipped
+    )
+
+
+def test_scenario_e_tiny_run(tmp_path: Path) -> None:
+    """Every server of scenario e answers wrk with whole responses."""
+    if static.find_wrk() is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_uring.bench",
+            "--quick",
+            "--scenarios",
+            "e",
+            "--reps",
+            "1",
+            "--no-chart",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((out / cli.REPORT_NAME).read_text())
+    assert report.validate(rep) == []
+    assert rep["complete"], [s["error"] for s in rep["samples"] if not s["ok"]]
+    ran = {s["contender"] for s in rep["samples"]}
+    assert {"trio", "zc:auto", "asyncio"} <= ran
+    assert ran <= set(static.STATIC_CONTENDERS)
+    for s in rep["samples"]:
+        assert s["kind"] == "static" and s["raw"]["requests"] > 0 and s["raw"]["errors"] == 0
+        assert s["metrics"]["server_cpu_s_per_gib"] is not None
+    assert {s["param"] for s in rep["samples"]} == {"16KiB", "1MiB"}
+    assert any(t["target"].startswith("static files") for t in rep["targets"])
+    assert "srv CPU s/GiB" in proc.stdout

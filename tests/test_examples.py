@@ -120,7 +120,7 @@ def test_http_static_large_file(tmp_path: Path) -> None:
     root = tmp_path / "www"
     (root / "sub").mkdir(parents=True)
     big = root / "sub" / "big file.bin"
-    big.write_bytes(os.urandom(24 << 20) + b"tail")
+    big.write_bytes(os.urandom(100 << 20) + b"tail")
     (root / "index.html").write_text("<h1>hello</h1>\n")
     out = tmp_path / "downloaded"
     with example("http_static.py", "0", "--root", str(root)) as (_server, port):
@@ -146,12 +146,74 @@ def test_http_static_large_file(tmp_path: Path) -> None:
 
         head = curl("-I", f"{base}/sub/big%20file.bin")
         assert f"content-length: {big.stat().st_size}" in head.stdout.decode().lower()
+        assert "accept-ranges: bytes" in head.stdout.decode().lower()
 
+        # HEAD of a missing file: headers only, and the server lives on.
+        got = curl("-I", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/missing")
+        assert got.stdout.decode() == "404", got
         for path, code in [("/missing", "404"), ("/../../etc/passwd", "404")]:
             got = curl("--path-as-is", "-o", "/dev/null", "-w", "%{http_code}", base + path)
             assert got.stdout.decode() == code, (path, got)
         got = curl("-X", "POST", "-d", "x", "-o", "/dev/null", "-w", "%{http_code}", base + "/")
         assert got.stdout.decode() == "405"
+
+
+def test_http_static_ranges(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    data = os.urandom(3 << 20)
+    (root / "f.bin").write_bytes(data)
+    size = len(data)
+    with example("http_static.py", "0", "--root", str(root)) as (_server, port):
+        url = f"http://127.0.0.1:{port}/f.bin"
+        for spec, first, last in [
+            ("0-0", 0, 0),
+            ("100-199", 100, 199),
+            ("1000000-", 1000000, size - 1),
+            ("-4096", size - 4096, size - 1),
+            (f"{size - 10}-{size + 1000}", size - 10, size - 1),
+            ("70000-2500000", 70000, 2500000),
+        ]:
+            got = curl("-D", "-", "-r", spec, "-o", str(tmp_path / "part"), url)
+            assert got.returncode == 0, got.stderr
+            head = got.stdout.decode().lower()
+            assert head.startswith("http/1.1 206"), (spec, head)
+            assert f"content-range: bytes {first}-{last}/{size}" in head, (spec, head)
+            assert (tmp_path / "part").read_bytes() == data[first : last + 1], spec
+        # Nothing of the range exists: 416 and the size.
+        got = curl("-D", "-", "-o", "/dev/null", "-r", f"{size}-", url)
+        head = got.stdout.decode().lower()
+        assert head.startswith("http/1.1 416"), head
+        assert f"content-range: bytes */{size}" in head
+        # A range curl resumes a download with: the rest arrives intact.
+        partial = tmp_path / "resumed"
+        partial.write_bytes(data[:12345])
+        got = curl("--fail", "-C", "-", "-o", str(partial), url)
+        assert got.returncode == 0, got.stderr
+        assert partial.read_bytes() == data
+        got = curl("-o", "/dev/null", "-w", "%{http_code}", url + ".missing")
+        assert got.stdout.decode() == "404"
+
+
+@pytest.mark.parametrize("env", [{}, {"TRIO_URING_DISABLE": "1"}], ids=["io_uring", "no-io_uring"])
+def test_http_static_small_files(tmp_path: Path, env: dict[str, str]) -> None:
+    """Sizes around the splice threshold and slice sizes, one connection."""
+    root = tmp_path / "www"
+    root.mkdir()
+    sizes = [0, 1, 4095, 16384, 65535, 65536, 65537, 300_000]
+    files = {n: os.urandom(n) for n in sizes}
+    for n, data in files.items():
+        (root / f"{n}.bin").write_bytes(data)
+    with example("http_static.py", "0", "--root", str(root), env=env) as (_server, port):
+        base = f"http://127.0.0.1:{port}"
+        args = []
+        for n in sizes:
+            args += ["-o", str(tmp_path / f"got-{n}"), f"{base}/{n}.bin"]
+        got = curl("--fail", "-w", "%{num_connects}\n", *args)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.decode().split()[1:] == ["0"] * (len(sizes) - 1)  # keep-alive
+    for n, data in files.items():
+        assert (tmp_path / f"got-{n}").read_bytes() == data, n
 
 
 # -- tls_echo --------------------------------------------------------------------

@@ -22,6 +22,7 @@ from ._manager import (
     open_manager,
 )
 from ._ring import RingSetupError
+from ._sendfile import FileTruncatedError
 from ._stream import StreamStats, ZeroCopyStream
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "STRATEGIES",
     "Features",
+    "FileTruncatedError",
     "IOManager",
     "IoUringUnavailableWarning",
     "ManagerClosedError",

@@ -17,9 +17,11 @@ IORING_OP_SENDMSG = 9
 IORING_OP_ACCEPT = 13
 IORING_OP_ASYNC_CANCEL = 14
 IORING_OP_CONNECT = 16
+IORING_OP_OPENAT = 18
 IORING_OP_CLOSE = 19
 IORING_OP_SEND = 26
 IORING_OP_RECV = 27
+IORING_OP_SPLICE = 30
 IORING_OP_SHUTDOWN = 34
 IORING_OP_SEND_ZC = 47
 IORING_OP_SENDMSG_ZC = 48
@@ -32,9 +34,11 @@ OP_NAMES = {
     IORING_OP_ACCEPT: "ACCEPT",
     IORING_OP_ASYNC_CANCEL: "ASYNC_CANCEL",
     IORING_OP_CONNECT: "CONNECT",
+    IORING_OP_OPENAT: "OPENAT",
     IORING_OP_CLOSE: "CLOSE",
     IORING_OP_SEND: "SEND",
     IORING_OP_RECV: "RECV",
+    IORING_OP_SPLICE: "SPLICE",
     IORING_OP_SHUTDOWN: "SHUTDOWN",
     IORING_OP_SEND_ZC: "SEND_ZC",
     IORING_OP_SENDMSG_ZC: "SENDMSG_ZC",
@@ -81,6 +85,19 @@ IORING_NOTIF_USAGE_ZC_COPIED = 1 << 31
 
 # accept flags, carried in sqe->ioprio
 IORING_ACCEPT_MULTISHOT = 1 << 0
+
+# openat(2)'s "relative to the current directory" (<linux/fcntl.h>); Python's
+# os module does not export it.
+AT_FDCWD = -100
+
+# sqe->splice_flags: the splice(2) SPLICE_F_* bits, plus io_uring's own
+# flag saying splice_fd_in is an index into the registered file table.
+SPLICE_F_MOVE = 1 << 0
+SPLICE_F_NONBLOCK = 1 << 1
+SPLICE_F_MORE = 1 << 2
+SPLICE_F_FD_IN_FIXED = 1 << 31
+#: sqe->off / sqe->splice_off_in for "no offset" (a pipe, or the file position).
+SPLICE_NO_OFFSET = (1 << 64) - 1
 
 # sqe->cancel_flags
 IORING_ASYNC_CANCEL_ALL = 1 << 0

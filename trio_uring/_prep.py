@@ -129,6 +129,53 @@ def prep_read_fixed(
     )
 
 
+def prep_splice(
+    ring: Ring,
+    entry: Completion,
+    fd_in: int,
+    off_in: int,
+    fd_out: int,
+    off_out: int,
+    nbytes: int,
+    splice_flags: int = 0,
+    sqe_flags: int = 0,
+) -> int:
+    """SPLICE ``nbytes`` from ``fd_in`` to ``fd_out``; one of them a pipe.
+
+    An offset of -1 means "none" (required for the pipe end; for a file it
+    means its current position).  The kernel always runs a splice in its
+    io-wq workers, so a splice that waits for the disk or the socket never
+    blocks the submitting thread.
+    """
+    user_data = ring.start(
+        entry,
+        _abi.IORING_OP_SPLICE,
+        fd_out,
+        addr=off_in & _abi.SPLICE_NO_OFFSET,  # sqe->splice_off_in
+        length=nbytes,
+        off=off_out & _abi.SPLICE_NO_OFFSET,
+        op_flags=splice_flags,  # sqe->splice_flags
+        sqe_flags=sqe_flags,
+    )
+    # sqe->splice_fd_in shares its slot with file_index, which tu_prep
+    # leaves zero: set it on the SQE just prepared, before it is submitted.
+    ring.last_sqe().file_index = fd_in  # type: ignore[attr-defined]
+    return user_data
+
+
+def prep_openat(
+    ring: Ring, entry: Completion, dfd: int, path: int, open_flags: int, mode: int = 0
+) -> int:
+    """OPENAT of the NUL-terminated path at address ``path``; res is the new fd.
+
+    The path's memory must stay alive until the CQE: the kernel may copy it
+    only when a worker runs the request.
+    """
+    return ring.start(
+        entry, _abi.IORING_OP_OPENAT, dfd, addr=path, length=mode, op_flags=open_flags
+    )
+
+
 def prep_close(ring: Ring, entry: Completion, fd: int) -> int:
     return ring.start(entry, _abi.IORING_OP_CLOSE, fd)
 

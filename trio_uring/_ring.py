@@ -251,7 +251,8 @@ class Ring:
         return lib.tu_register(self.fd, opcode, arg, nr_args)
 
     def last_sqe(self) -> object:
-        """The most recently prepared SQE (for tests that check SQE bytes)."""
+        """The most recently prepared SQE, not yet submitted: for tests that
+        check SQE bytes, and for preps that fill a field ``push`` lacks."""
         return lib.tu_last_sqe(self._ring)
 
     def close(self) -> None:

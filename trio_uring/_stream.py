@@ -19,6 +19,8 @@ from ._manager import IOManager, ManagerClosedError, SendCounters, current_manag
 from ._prep import prep_recv
 from ._queue import OutboundQueue, Segment
 from ._send import STRATEGY_IMPLS, SendRequest, SendStrategy
+from ._sendfile import FileArg
+from ._sendfile import send_file as _send_file
 from ._shim_cffi import ffi
 from ._util import ConflictDetector
 
@@ -561,6 +563,23 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 "ffi.from_buffer) was still alive when the block ended; drop it inside "
                 "the block. The slice is retired and nothing was sent"
             ) from None
+
+    async def send_file(self, file: FileArg, offset: int = 0, count: int | None = None) -> int:
+        """Send ``count`` bytes of a file from ``offset`` (to its end if
+        ``count`` is None); return how many were sent.
+
+        ``file`` is a path, a file object with ``fileno()`` or an fd, of a
+        regular file; ``offset`` is absolute, and a file object's position
+        is neither used nor moved.  The bytes never pass through Python,
+        and with io_uring the event loop never waits for the disk: large
+        counts are spliced file -> pipe -> socket after everything queued
+        before; small ones are read into the outbound queue like a
+        ``send_all`` (so a small body goes out with its headers).  Returns
+        once every byte is queued or handed to the kernel; semantics as
+        ``send_all``.
+        """
+        return await _send_file(self, file, offset, count)
+
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until ``send_all`` could queue at least one byte (a checkpoint).

@@ -21,6 +21,8 @@ PANELS = (
     ("c", "requests_per_s"),
     ("c", "p99_us"),
     ("d", "cpu_s_per_gib"),
+    ("e", "requests_per_s"),
+    ("e", "server_cpu_s_per_gib"),
     ("smoke", "throughput_gbps"),
     ("smoke", "requests_per_s"),
 )
@@ -29,6 +31,7 @@ TITLES = {
     "b": "concurrent streams",
     "c": "echo server",
     "d": "sender CPU per GiB",
+    "e": "static files over HTTP",
     "smoke": "smoke",
 }
 

@@ -12,13 +12,14 @@ from pathlib import Path
 KIB = 1024
 MIB = 1024 * KIB
 
-SCENARIOS = ("a", "b", "c", "d", "smoke")
-DEFAULT_SCENARIOS = ("a", "b", "c", "d")
+SCENARIOS = ("a", "b", "c", "d", "e", "smoke")
+DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e")
 SCENARIO_TITLES = {
     "a": "one stream, send_all of one payload size",
     "b": "concurrent streams in one process",
     "c": "echo server, concurrent request/response clients",
     "d": "sender CPU and io_uring_enter calls per GiB (one stream)",
+    "e": "static files over HTTP/1.1: wrk, 50 connections, files from the page cache",
     "smoke": "smoke test: every contender, briefly",
 }
 
@@ -55,6 +56,9 @@ class Config:
     duration_one: float = 1.0
     duration_many: float = 2.0
     duration_echo: float = 3.0
+    static_sizes: tuple[int, ...] = (16 * KIB, MIB)
+    static_connections: int = 50
+    duration_static: float = 3.0
     smoke_size: int = 64 * KIB
     smoke_clients: int = 8
     arena_size: int = 4 * MIB
@@ -70,6 +74,7 @@ class Config:
             "duration_one": 0.1,
             "duration_many": 0.2,
             "duration_echo": 0.4,
+            "duration_static": 1.0,
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

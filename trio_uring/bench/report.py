@@ -46,6 +46,7 @@ METRICS = {
         Metric("p50_us", "p50 us", False),
         Metric("p99_us", "p99 us", False),
         Metric("server_cpu_us_per_request", "srv CPU us/req", False),
+        Metric("server_cpu_s_per_gib", "srv CPU s/GiB", False),
     )
 }
 
@@ -56,6 +57,7 @@ ROWS = (
     ("b", "b", ("messages_per_s", "throughput_gbps")),
     ("c", "c", ("requests_per_s", "p50_us", "p99_us", "server_cpu_us_per_request")),
     ("d", "a", ("cpu_s_per_gib", "enter_calls_per_gib")),
+    ("e", "e", ("requests_per_s", "p99_us", "server_cpu_s_per_gib")),
     ("smoke", "smoke", ("throughput_gbps", "requests_per_s", "p99_us")),
 )
 
@@ -149,6 +151,26 @@ TARGETS = (
     ("echo, 100 clients, p99 no worse than trio", "c", None, "p99_us", "trio", "<=", 1.0),
     ("sender CPU s/GiB at 1 MiB <= 0.7x trio", "d", "1MiB", "cpu_s_per_gib", "trio", "<=", 0.7),
     ("sender CPU s/GiB at 4 KiB <= 0.7x trio", "d", "4KiB", "cpu_s_per_gib", "trio", "<=", 0.7),
+    (
+        "static files, 1 MiB, requests/s >= 1.5x trio",
+        "e",
+        "1MiB",
+        "requests_per_s",
+        "trio",
+        ">=",
+        1.5,
+    ),
+    (
+        "static files, 16 KiB, requests/s >= 1.0x trio",
+        "e",
+        "16KiB",
+        "requests_per_s",
+        "trio",
+        ">=",
+        1.0,
+    ),
+    ("static files, 1 MiB, p99 no worse than trio", "e", "1MiB", "p99_us", "trio", "<=", 1.0),
+    ("static files, 16 KiB, p99 no worse than trio", "e", "16KiB", "p99_us", "trio", "<=", 1.0),
 )
 #: RSS may grow by less than this over 10**6 sends.
 RSS_BUDGET_KIB = 5 * 1024

@@ -14,13 +14,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TextIO
 
 import trio_uring
 
-from . import contenders, csender
+from . import contenders, csender, static
 from .config import Config, size_label
 from .contenders import SendResult
 from .sink import sink_process
@@ -89,6 +91,10 @@ def resolve_contenders(config: Config) -> Lineup:
     for name in trio_uring.STRATEGIES:
         if name not in strategies:
             skipped.append({"contender": f"zc:{name}", "reason": "this kernel cannot run it"})
+    if "e" in config.scenarios and static.find_wrk() is None:
+        skipped.append(
+            {"contender": "scenario e", "reason": "wrk is not installed (apt-get install wrk)"}
+        )
     c_binary = None
     for entry in contenders.ORDER:
         expanded = [f"zc:{s}" for s in strategies] if entry == "zc:*" else [entry]
@@ -129,7 +135,15 @@ class EchoCell:
     duration: float
 
 
-Cell = SendCell | EchoCell
+@dataclasses.dataclass(frozen=True)
+class StaticCell:
+    scenario: str
+    sizes: tuple[int, ...]
+    connections: int
+    duration: float
+
+
+Cell = SendCell | EchoCell | StaticCell
 
 
 def plan(config: Config) -> list[Cell]:
@@ -143,6 +157,10 @@ def plan(config: Config) -> list[Cell]:
         cells.append(SendCell("b", config.sizes_many, config.streams, config.duration_many))
     if "c" in chosen and config.connect is None:
         cells.append(EchoCell("c", config.clients, config.duration_echo))
+    if "e" in chosen and config.connect is None and static.find_wrk() is not None:
+        cells.append(
+            StaticCell("e", config.static_sizes, config.static_connections, config.duration_static)
+        )
     if "smoke" in chosen:
         cells.append(SendCell("smoke", (config.smoke_size,), 1, config.duration_one))
         if config.connect is None:
@@ -151,7 +169,10 @@ def plan(config: Config) -> list[Cell]:
 
 
 def applies(cell: Cell, contender: str) -> bool:
-    """C senders measure one stream and serve no echo."""
+    """C senders measure one stream and serve no echo; scenario e has one
+    server per library."""
+    if isinstance(cell, StaticCell):
+        return contender in static.STATIC_CONTENDERS
     if contender in contenders.C_CONTENDERS:
         return isinstance(cell, SendCell) and cell.streams == 1
     return True
@@ -162,7 +183,7 @@ def count_samples(cells: list[Cell], names: list[str], reps: int) -> int:
     for cell in cells:
         for name in names:
             if applies(cell, name):
-                per_rep += len(cell.sizes) if isinstance(cell, SendCell) else 1
+                per_rep += 1 if isinstance(cell, EchoCell) else len(cell.sizes)
     return per_rep * reps
 
 
@@ -263,9 +284,12 @@ class Runner:
                 why = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
                 self._record_send(cell, name, rep, size, None, why[0])
 
+    def _echo_server(self, name: str) -> contextlib.AbstractContextManager[tuple[int, int]]:
+        return self._server(self._job(job="echo-server", contender=name, host="127.0.0.1"), name)
+
     @contextlib.contextmanager
-    def _echo_server(self, name: str) -> Iterator[tuple[int, int]]:
-        cmd = self._job(job="echo-server", contender=name, host="127.0.0.1")
+    def _server(self, cmd: list[str], name: str) -> Iterator[tuple[int, int]]:
+        """Start a worker that serves; yield its pid and the port it printed."""
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None and proc.stderr is not None
@@ -273,7 +297,7 @@ class Runner:
             if not line.startswith("PORT "):
                 proc.kill()
                 last = proc.stderr.read().strip().splitlines()[-1:] or ["no output"]
-                raise RuntimeError(f"{name} echo server did not start: {last[0]}")
+                raise RuntimeError(f"{name} server did not start: {last[0]}")
             yield proc.pid, int(line.split()[1])
         finally:
             proc.terminate()
@@ -345,6 +369,62 @@ class Runner:
             self.progress.note(f"{label}: {error}")
         self.progress.step(label, detail)
 
+    def run_static(self, cell: StaticCell, name: str, rep: int, root: Path) -> None:
+        """Scenario e: one server process, one wrk run per file size."""
+        wrk = static.find_wrk()
+        assert wrk is not None
+        results: dict[int, tuple[dict[str, Any] | None, float, str]] = {}
+        try:
+            job = self._job(job="static-server", contender=name, host="127.0.0.1", root=str(root))
+            with self._server(job, name) as (pid, port):
+                for size in cell.sizes:
+                    url = f"http://127.0.0.1:{port}/{static.file_name(size)}"
+                    cpu0 = _proc_cpu_seconds(pid)
+                    try:
+                        out = static.run_wrk(wrk, url, cell.connections, cell.duration)
+                        error = f"{out['errors']} wrk errors" if out["errors"] else ""
+                        if not out["requests"]:
+                            error = "wrk completed no request"
+                        results[size] = (out, _proc_cpu_seconds(pid) - cpu0, error)
+                    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+                        results[size] = (None, 0.0, str(exc))
+        except (RuntimeError, OSError) as exc:
+            for size in cell.sizes:
+                results.setdefault(size, (None, 0.0, str(exc)))
+        for size in cell.sizes:
+            out, server_cpu, error = results[size]
+            metrics: dict[str, float | None] = {}
+            if out is not None:
+                gib = out["requests"] * size / GIB
+                metrics = {
+                    "requests_per_s": out["requests_per_s"],
+                    "p99_us": out["p99_us"],
+                    "server_cpu_s_per_gib": server_cpu / gib if gib else None,
+                }
+            ok = out is not None and not error
+            self.samples.append(
+                {
+                    "scenario": cell.scenario,
+                    "kind": "static",
+                    "contender": name,
+                    "param": size_label(size),
+                    "size": size,
+                    "connections": cell.connections,
+                    "rep": rep,
+                    "ok": ok,
+                    "error": error or None,
+                    "raw": dict(out, server_cpu_s=server_cpu) if out is not None else None,
+                    "metrics": metrics,
+                }
+            )
+            label = f"{cell.scenario} {name} {size_label(size)} x{cell.connections} rep {rep + 1}"
+            if ok:
+                detail = f"{metrics['requests_per_s']:,.0f} req/s p99 {metrics['p99_us']:.0f} us"
+            else:
+                detail = "FAILED"
+                self.progress.note(f"{label}: {error}")
+            self.progress.step(label, detail)
+
     def run(self, cells: list[Cell]) -> list[dict[str, Any]]:
         sink: contextlib.AbstractContextManager[int]
         if self.config.connect is not None:
@@ -352,7 +432,11 @@ class Runner:
             sink = contextlib.nullcontext(port)
         else:
             host, sink = "127.0.0.1", sink_process()
-        with sink as port:
+        with sink as port, tempfile.TemporaryDirectory(prefix="trio_uring-bench-") as tmp:
+            root = Path(tmp)
+            for cell in cells:
+                if isinstance(cell, StaticCell):
+                    static.make_files(root, cell.sizes)
             for rep in range(self.config.reps):
                 for cell in cells:
                     for name in self.lineup.names:
@@ -360,6 +444,8 @@ class Runner:
                             continue
                         if isinstance(cell, SendCell):
                             self.run_send(cell, name, rep, host, port)
+                        elif isinstance(cell, StaticCell):
+                            self.run_static(cell, name, rep, root)
                         else:
                             self.run_echo(cell, name, rep)
         self.progress.finish()

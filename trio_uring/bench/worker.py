@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
 
 import trio_uring
 
-from . import contenders
+from . import contenders, static
 
 
 def _emit(size: int, result: contenders.SendResult) -> None:
@@ -92,12 +93,36 @@ def run_echo_server(job: dict[str, Any]) -> None:
     trio.run(trio_main)
 
 
+def run_static_server(job: dict[str, Any]) -> None:
+    name: str = job["contender"]
+    host: str = job["host"]
+    root = Path(job["root"])
+    if name in ("asyncio", "uvloop"):
+        contenders.run_asyncio(name, static.asyncio_static_server(host, root, _ready))
+        return
+
+    async def trio_main() -> None:
+        if name == contenders.BASELINE:
+            await static.trio_static_server(name, host, root, _ready)
+            return
+        async with trio_uring.open_manager(
+            strategy=contenders.strategy_of(name),
+            arena_size=job["arena_size"],
+            slice_size=job["slice_size"],
+        ):
+            await static.trio_static_server(name, host, root, _ready)
+
+    trio.run(trio_main)
+
+
 def main(argv: list[str]) -> None:
     job = json.loads(argv[1])
     if job["job"] == "send":
         run_send(job)
     elif job["job"] == "echo-server":
         run_echo_server(job)
+    elif job["job"] == "static-server":
+        run_static_server(job)
     else:
         raise SystemExit(f"unknown job {job['job']!r}")
 
