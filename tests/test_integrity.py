@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+import pytest
 import trio
 from _streams import runnable_strategies, tcp_pair, unix_pair
 from hypothesis import HealthCheck, given, settings
@@ -112,3 +113,14 @@ async def test_sixty_four_streams_on_sixteen_slices() -> None:
         with trio.fail_after(10):
             while manager.ring is not None and manager.ring.table:
                 await trio.sleep(0.005)
+
+
+@pytest.mark.skipif(not trio_uring.features().io_uring, reason="needs io_uring")
+async def test_streams_over_an_sqpoll_ring() -> None:
+    """With a kernel submission thread nothing completes during submission:
+    every send and receive goes through the completion task."""
+    async with trio_uring.open_manager(
+        sqpoll=True, strategy="vectored-fixed", slice_size=4096, arena_size=16 * 4096
+    ) as manager:
+        assert manager.ring is not None and manager.ring.sqpoll
+        await many_streams(8, 100_000, [1, 4096, 70_000])

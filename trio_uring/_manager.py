@@ -35,7 +35,7 @@ from . import _abi
 from ._buffers import MemlockError, RegisteredArena
 from ._features import STRATEGIES, Features, features
 from ._prep import prep_cancel, prep_cancel_any, prep_cancel_fd
-from ._ring import Ring
+from ._ring import Ring, RingSetupError
 from ._shim_cffi import ffi
 
 DEFAULT_ENTRIES = 256
@@ -45,6 +45,9 @@ DEFAULT_ENTRIES = 256
 DEFAULT_SLICE_SIZE = 16 * 1024
 #: 4 MiB: half of the common 8 MiB RLIMIT_MEMLOCK, leaving room for others.
 DEFAULT_ARENA_SIZE = 4 * 1024 * 1024
+#: With ``sqpoll=True``: how long the kernel's submission thread spins
+#: without work before it sleeps (and the next submission must wake it).
+SQPOLL_IDLE_MS = 50
 #: How long shutdown waits for outstanding notifications before giving up.
 SHUTDOWN_TIMEOUT = 5.0
 #: Queued bytes past which a stream is flushed at once rather than held for
@@ -205,6 +208,7 @@ class IOManager:
         slice_size: int = DEFAULT_SLICE_SIZE,
         strategy: str | None = None,
         setup_flags: int | None = None,
+        sqpoll: bool = False,
     ) -> None:
         self.features: Features = features()
         if strategy is not None and strategy not in STRATEGIES:
@@ -220,7 +224,28 @@ class IOManager:
             _warn_fallback_once(self.features)
         if self.features.io_uring and strategy != "socket":
             flags = self.features.setup_flags if setup_flags is None else setup_flags
-            self.ring = Ring(entries, flags=flags)
+            idle = 0
+            if sqpoll:
+                # The kernel refuses COOP_TASKRUN (and so TASKRUN_FLAG) and
+                # DEFER_TASKRUN with SQPOLL: its thread runs the task work.
+                flags &= ~(
+                    _abi.IORING_SETUP_DEFER_TASKRUN
+                    | _abi.IORING_SETUP_COOP_TASKRUN
+                    | _abi.IORING_SETUP_TASKRUN_FLAG
+                )
+                flags |= _abi.IORING_SETUP_SQPOLL
+                idle = SQPOLL_IDLE_MS
+            try:
+                self.ring = Ring(entries, flags=flags, sq_thread_idle=idle)
+            except RingSetupError as exc:
+                if not sqpoll:
+                    raise
+                raise RingSetupError(
+                    exc.errno,
+                    f"io_uring_setup with SQPOLL failed ({exc.strerror}); this kernel or "
+                    "process may not allow a submission thread: open the manager without "
+                    "sqpoll=True",
+                ) from exc
             try:
                 self._register_arena()
             except BaseException:
@@ -648,12 +673,17 @@ async def open_manager(
     slice_size: int = DEFAULT_SLICE_SIZE,
     strategy: str | None = None,
     setup_flags: int | None = None,
+    sqpoll: bool = False,
 ) -> AsyncIterator[IOManager]:
     """Run a configured I/O manager for the enclosed block.
 
     ``entries`` sizes the SQ; the registered arena is ``arena_size`` bytes
     in slices of ``slice_size``.  ``strategy`` forces a send strategy (no
-    adaptation), ``setup_flags`` the io_uring setup flags.
+    adaptation), ``setup_flags`` the io_uring setup flags.  ``sqpoll``
+    gives the ring a kernel submission thread (``IORING_SETUP_SQPOLL``),
+    which spins on another core for ``SQPOLL_IDLE_MS`` after each
+    submission: submissions then cost no syscall, at the price of that core
+    (see the performance notes; off by default).
 
     Streams created inside use it.  On exit, queued bytes are handed to the
     kernel, in-flight requests cancelled, outstanding notifications awaited
@@ -675,6 +705,7 @@ async def open_manager(
         slice_size=slice_size,
         strategy=strategy,
         setup_flags=setup_flags,
+        sqpoll=sqpoll,
     )
     token = _MANAGER.set(manager)
     try:

@@ -53,10 +53,15 @@ class Ring:
 
     ``entries`` is the SQ size; the CQ is ``cq_entries`` (default: twice the
     SQ, as the kernel does).  ``flags`` are io_uring_setup flags; the caller
-    decides them (``features().setup_flags`` is the probed best).
+    decides them (``features().setup_flags`` is the probed best).  With
+    ``IORING_SETUP_SQPOLL`` a kernel thread takes submissions from the SQ
+    itself, and goes to sleep after ``sq_thread_idle`` ms without any;
+    ``submit`` then enters the kernel only to wake it.
     """
 
-    def __init__(self, entries: int = 256, *, cq_entries: int = 0, flags: int = 0) -> None:
+    def __init__(
+        self, entries: int = 256, *, cq_entries: int = 0, flags: int = 0, sq_thread_idle: int = 0
+    ) -> None:
         if not isinstance(entries, int) or not 1 <= entries <= MAX_ENTRIES:
             raise ValueError(
                 f"entries must be an int from 1 to {MAX_ENTRIES} (the submission queue "
@@ -66,7 +71,7 @@ class Ring:
         self.closed = True
         if cq_entries:
             flags |= _abi.IORING_SETUP_CQSIZE
-        rc = lib.tu_setup(self._ring, entries, cq_entries, flags)
+        rc = lib.tu_setup(self._ring, entries, cq_entries, flags, sq_thread_idle)
         if rc < 0:
             raise RingSetupError(-rc, f"io_uring_setup failed: {os.strerror(-rc)}")
         self.closed = False
@@ -97,6 +102,7 @@ class Ring:
                 self.close()
                 raise RingSetupError(-rc, f"registering an eventfd failed: {os.strerror(-rc)}")
         self._enter_flags = _abi.IORING_ENTER_GETEVENTS if self._defer else 0
+        self.sqpoll = bool(flags & _abi.IORING_SETUP_SQPOLL)
 
     # -- submission -------------------------------------------------------
 
@@ -150,6 +156,12 @@ class Ring:
         return user_data
 
     def _make_sq_room(self) -> None:
+        if self.sqpoll:
+            # The kernel thread has not taken the queued SQEs yet: wake it
+            # and wait until it has made room.
+            self.submit()
+            lib.tu_enter(self._ring, 0, 0, _abi.IORING_ENTER_SQ_WAKEUP | _abi.IORING_ENTER_SQ_WAIT)
+            return
         rc = self.submit()
         if rc == 0 or lib.tu_sq_space(self._ring) == 0:
             # The kernel refused new work until its overflow list drains.
@@ -157,6 +169,11 @@ class Ring:
 
     def submit(self) -> int:
         """Hand every prepared SQE to the kernel; return how many it took."""
+        if self.sqpoll:
+            pending = lib.tu_publish_sq(self._ring)
+            if lib.tu_sq_flags(self._ring) & _abi.IORING_SQ_NEED_WAKEUP:
+                lib.tu_enter(self._ring, 0, 0, _abi.IORING_ENTER_SQ_WAKEUP)
+            return pending
         while True:
             rc = lib.tu_submit(self._ring, 0, self._enter_flags)
             if rc >= 0:
@@ -218,6 +235,10 @@ class Ring:
     def submit_and_reap(self) -> None:
         """``submit`` then ``reap(run_task_work=False)``, in one shim call
         when nothing unusual happens: the path every request takes."""
+        if self.sqpoll:
+            self.submit()
+            self.reap(run_task_work=False)
+            return
         n = lib.tu_submit_reap(
             self._ring,
             self._enter_flags,

@@ -468,6 +468,9 @@ async def _send_read(stream: ZeroCopyStream, fd: int, offset: int, count: int) -
         if res <= 0 or stream._closed:
             queue.unreserve()
             stream.check_open()
+            # What was read is an intact prefix: send it before saying how
+            # much of the file was sent.
+            await stream._drain()
             if res < 0:
                 raise _file_error(-res, sent, offset)
             raise FileTruncatedError(sent, count, offset)

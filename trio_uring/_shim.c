@@ -39,7 +39,8 @@ static int sys_ret(long ret)
     return ret < 0 ? -errno : (int)ret;
 }
 
-int tu_setup(struct tu_ring *r, uint32_t entries, uint32_t cq_entries, uint32_t flags)
+int tu_setup(struct tu_ring *r, uint32_t entries, uint32_t cq_entries, uint32_t flags,
+             uint32_t sq_thread_idle)
 {
     struct io_uring_params p;
     memset(r, 0, sizeof(*r));
@@ -49,6 +50,7 @@ int tu_setup(struct tu_ring *r, uint32_t entries, uint32_t cq_entries, uint32_t 
     memset(&p, 0, sizeof(p));
     p.flags = flags;
     p.cq_entries = cq_entries;
+    p.sq_thread_idle = sq_thread_idle;
     int fd = sys_ret(syscall(TU_NR_SETUP, entries, &p));
     if (fd < 0)
         return fd;
@@ -167,6 +169,14 @@ int tu_enter(struct tu_ring *r, uint32_t to_submit, uint32_t min_complete, uint3
 {
     r->enter_calls++;
     return sys_ret(syscall(TU_NR_ENTER, r->fd, to_submit, min_complete, flags, NULL, 0));
+}
+
+/* Make every prepared SQE visible to the kernel without entering it (an
+ * SQPOLL thread picks them up); return how many it has not consumed yet. */
+uint32_t tu_publish_sq(struct tu_ring *r)
+{
+    STORE_RELEASE(r->sq_tail, r->sqe_tail);
+    return r->sqe_tail - LOAD_ACQUIRE(r->sq_head);
 }
 
 int tu_submit(struct tu_ring *r, uint32_t min_complete, uint32_t flags)

@@ -117,7 +117,8 @@ struct tu_ring {
 /* Fault injection for tests: when non-zero, tu_setup fails with -errno. */
 extern int tu_fault_setup_errno;
 
-int tu_setup(struct tu_ring *r, uint32_t entries, uint32_t cq_entries, uint32_t flags);
+int tu_setup(struct tu_ring *r, uint32_t entries, uint32_t cq_entries, uint32_t flags,
+             uint32_t sq_thread_idle);
 void tu_close(struct tu_ring *r);
 
 int tu_prep(struct tu_ring *r, uint8_t opcode, uint8_t sqe_flags, uint16_t ioprio,
@@ -129,6 +130,7 @@ struct io_uring_sqe *tu_last_sqe(struct tu_ring *r);
 
 int tu_enter(struct tu_ring *r, uint32_t to_submit, uint32_t min_complete, uint32_t flags);
 int tu_submit(struct tu_ring *r, uint32_t min_complete, uint32_t flags);
+uint32_t tu_publish_sq(struct tu_ring *r);
 
 uint32_t tu_reap(struct tu_ring *r, uint64_t *user_data, int32_t *res, uint32_t *flags, uint32_t max);
 int tu_submit_reap(struct tu_ring *r, uint32_t enter_flags, uint64_t *user_data, int32_t *res,
