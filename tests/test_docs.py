@@ -60,7 +60,7 @@ def test_send_path_diagram_is_rendered(html: Path) -> None:
     images = re.findall(r'(?:src|data)="(_images/graphviz-[0-9a-f]+\.svg)"', page)
     assert images, "no graphviz image on how-it-works.html"
     svg = html_module.unescape((html / images[0]).read_text())  # dot writes "-" as &#45;
-    for label in ("registered slices", "fixed-provided entries", "notification CQE"):
+    for label in ("outbound queue", "end of the scheduler tick", "notification CQE"):
         assert label in svg
 
 
