@@ -5,7 +5,8 @@
 uses the best strategy the running kernel supports; ``features()`` says which.
 """
 
-from ._buffers import MemlockError
+from ._buffers import ContentFullError, MemlockError
+from ._content import RegisteredContent
 from ._features import STRATEGIES, Features, features
 from ._highlevel import (
     ZeroCopyListener,
@@ -20,6 +21,7 @@ from ._manager import (
     ManagerClosedError,
     current_manager,
     open_manager,
+    register,
 )
 from ._ring import RingSetupError
 from ._sendfile import FileTruncatedError
@@ -29,12 +31,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "STRATEGIES",
+    "ContentFullError",
     "Features",
     "FileTruncatedError",
     "IOManager",
     "IoUringUnavailableWarning",
     "ManagerClosedError",
     "MemlockError",
+    "RegisteredContent",
     "RingSetupError",
     "StreamStats",
     "ZeroCopyListener",
@@ -45,6 +49,7 @@ __all__ = [
     "open_tcp_listeners",
     "open_tcp_stream",
     "open_unix_stream",
+    "register",
     "serve_tcp",
 ]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import mmap
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from . import _abi
 from ._features import features
@@ -80,6 +81,66 @@ class _Ticket:
         self.grant = grant
 
 
+class ContentFullError(MemoryError):
+    """Registered content does not fit in the content region."""
+
+
+class ContentRegion:
+    """Byte ranges of the arena's content region: first fit, merged on free.
+
+    Registered content is copied once and then sent by reference, so its
+    memory is allocated in variable sizes and freed when its last reference
+    goes, in any order; ranges are aligned to 64 bytes (a cache line).
+    """
+
+    ALIGN = 64
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start = start
+        self.size = size
+        #: Free ranges ``[offset, length]``, sorted by offset, never adjacent.
+        self._free: list[list[int]] = [[start, size]] if size else []
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(n for _, n in self._free)
+
+    @property
+    def largest_free(self) -> int:
+        return max((n for _, n in self._free), default=0)
+
+    def allocate(self, nbytes: int) -> int:
+        """The arena offset of ``nbytes`` free bytes; ``ContentFullError`` if
+        no free range is large enough."""
+        need = max(self.ALIGN, -(-nbytes // self.ALIGN) * self.ALIGN)
+        for i, (offset, length) in enumerate(self._free):
+            if length >= need:
+                if length == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = [offset + need, length - need]
+                return offset
+        raise ContentFullError(
+            f"registering {nbytes} bytes of content failed: the content region has "
+            f"{self.free_bytes} of its {self.size} bytes free, the largest free run "
+            f"{self.largest_free}; open_manager(content_size=...) larger, or close "
+            "content handles no longer needed"
+        )
+
+    def free(self, offset: int, nbytes: int) -> None:
+        """Return what ``allocate(nbytes)`` gave at ``offset``."""
+        length = max(self.ALIGN, -(-nbytes // self.ALIGN) * self.ALIGN)
+        ranges = self._free
+        i = 0
+        while i < len(ranges) and ranges[i][0] < offset:
+            i += 1
+        ranges.insert(i, [offset, length])
+        if i + 1 < len(ranges) and offset + length == ranges[i + 1][0]:
+            ranges[i][1] += ranges.pop(i + 1)[1]
+        if i and ranges[i - 1][0] + ranges[i - 1][1] == offset:
+            ranges[i - 1][1] += ranges.pop(i)[1]
+
+
 class RegisteredArena:
     """Memory registered with the ring as one fixed buffer, cut into slices.
 
@@ -90,16 +151,21 @@ class RegisteredArena:
     many streams sharing a small arena all make progress.
     """
 
-    def __init__(self, size: int, slice_size: int, *, buf_index: int = 0) -> None:
-        if not isinstance(size, int) or not isinstance(slice_size, int):
-            raise TypeError("arena_size and slice_size must be ints (bytes)")
+    def __init__(
+        self, size: int, slice_size: int, *, buf_index: int = 0, content_size: int = 0
+    ) -> None:
+        if not all(isinstance(n, int) for n in (size, slice_size, content_size)):
+            raise TypeError("arena_size, slice_size and content_size must be ints (bytes)")
+        if content_size < 0:
+            raise ValueError(f"content_size must be >= 0, not {content_size}")
         if slice_size <= 0 or size < slice_size:
             raise ValueError(
                 f"arena_size ({size}) must hold at least one slice of slice_size ({slice_size})"
             )
-        if size > _abi.MAX_REGISTERED_BUFFER:
+        if size + content_size > _abi.MAX_REGISTERED_BUFFER:
             raise ValueError(
-                f"arena_size {size} exceeds the kernel's 1 GiB limit for one registered buffer"
+                f"arena_size + content_size ({size + content_size}) exceeds the kernel's 1 GiB "
+                "limit for one registered buffer"
             )
         n_slices = size // slice_size
         if n_slices > 1 << 16:
@@ -111,7 +177,11 @@ class RegisteredArena:
         self.n_slices = n_slices
         self.size = n_slices * slice_size
         self.buf_index = buf_index
-        self.memory = mmap.mmap(-1, self.size)
+        #: Registered content lives after the slices, in the same registered
+        #: buffer, so one request can carry both.
+        self.content = ContentRegion(self.size, content_size)
+        self.registered_size = self.size + content_size
+        self.memory = mmap.mmap(-1, self.registered_size)
         self.view = memoryview(self.memory)
         self.cdata = ffi.from_buffer(self.memory)
         self.base: int = int(ffi.cast("uintptr_t", self.cdata))
@@ -208,7 +278,7 @@ class ProvidedRing:
         """Entries published and not yet consumed."""
         return self.tail - self.head
 
-    def publish(self, arena: RegisteredArena, segments: Iterable[Sequence[int]]) -> None:
+    def publish(self, arena: RegisteredArena, segments: Iterable[Sequence[Any]]) -> None:
         """Write one entry per ``(arena offset, length, slice id)`` segment,
         then release-store the new tail."""
         bufs, mask, tail, put = self.bufs, self.mask, self.tail, lib.tu_buf_ring_put
@@ -220,13 +290,15 @@ class ProvidedRing:
             # and fail every later send on this buffer group.
             split = self.split
             assert split is not None
-            encode_fixed_provided(buf_index, arena.size - 1, split.index_bits)
+            encode_fixed_provided(buf_index, arena.registered_size - 1, split.index_bits)
             shift = split.index_bits
         for offset, length, slice_id in segments:
             if tail - self.head >= self.entries:
                 raise RuntimeError("provided ring overflow: more entries published than it holds")
             addr = (offset << shift) | buf_index if fixed else base + offset
-            put(bufs, mask, tail, addr, length, slice_id)
+            # The bid is ours alone (nothing reads it back): registered
+            # content, which has no slice number, gets 0xFFFF.
+            put(bufs, mask, tail, addr, length, slice_id if slice_id.__class__ is int else 0xFFFF)
             tail += 1
         self.tail = tail
         lib.tu_buf_ring_publish(bufs, tail & 0xFFFF)

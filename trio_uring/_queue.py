@@ -26,12 +26,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ._buffers import RegisteredArena
 
-#: A queued run of bytes: ``[arena offset, length, slice id]`` (mutable, so
-#: appending to the tail extends the last segment in place).
-Segment = list[int]
+#: A queued run of bytes: ``[arena offset, length, owner]`` (mutable, so
+#: appending to the tail extends the last segment in place).  The owner is
+#: the slice id, or the ``ContentAllocation`` of registered content.
+Segment = list[Any]
 
 
 class OutboundQueue:
@@ -211,6 +213,13 @@ class OutboundQueue:
 
     # -- sending ----------------------------------------------------------------
 
+    def append_content(self, offset: int, length: int, allocation: Any) -> None:
+        """Queue ``length`` registered-content bytes at ``offset`` by
+        reference: no copy, one more reference to ``allocation``."""
+        allocation.ref()
+        self.unsent.append([offset, length, allocation])
+        self.nbytes += length
+
     def take(self, max_segments: int) -> list[Segment]:
         """Remove up to ``max_segments`` segments from the front for a
         request; their slice counts move to the request."""
@@ -265,7 +274,11 @@ class OutboundQueue:
             sent = 0
         refs = self.refs
         for seg in rest:
-            refs[seg[2]] += 1
+            owner = seg[2]
+            if owner.__class__ is int:
+                refs[owner] += 1
+            else:
+                owner.ref()
         self.unsent.extendleft(reversed(rest))
         self.nbytes += sum(s[1] for s in rest)
 
@@ -277,7 +290,10 @@ class OutboundQueue:
         if self.on_free is not None:
             self.on_free()
 
-    def unref(self, slice_id: int) -> None:
+    def unref(self, slice_id: Any) -> None:
+        if slice_id.__class__ is not int:
+            slice_id.unref()  # registered content
+            return
         refs = self.refs
         count = refs[slice_id] - 1
         refs[slice_id] = count

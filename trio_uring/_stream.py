@@ -15,6 +15,7 @@ import trio
 
 from . import _abi
 from ._buffers import ProvidedRing
+from ._content import RegisteredContent
 from ._manager import IOManager, ManagerClosedError, SendCounters, current_manager
 from ._prep import prep_recv
 from ._queue import OutboundQueue, Segment
@@ -22,7 +23,7 @@ from ._send import STRATEGY_IMPLS, SendRequest, SendStrategy
 from ._sendfile import FileArg
 from ._sendfile import send_file as _send_file
 from ._shim_cffi import ffi
-from ._util import ConflictDetector
+from ._util import ConflictDetector, byte_view
 
 #: As trio's SocketStream: the receive size when ``max_bytes`` is omitted.
 DEFAULT_RECEIVE_SIZE = 65536
@@ -92,22 +93,6 @@ def _stream_error(
     if exc.errno == errno.ECANCELED or stream._closed or stream._socket_gone():
         return trio.ClosedResourceError("the stream was closed while " + what)
     return trio.BrokenResourceError(f"{what} failed: {exc.strerror or exc}")
-
-
-def _byte_view(data: object) -> memoryview:
-    try:
-        view = memoryview(data)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"send_all() needs a bytes-like object (bytes, bytearray, memoryview), "
-            f"not {type(data).__name__}"
-        ) from None
-    if not view.c_contiguous:
-        raise ValueError(
-            "send_all() needs a contiguous buffer; pass bytes(view) or a "
-            "contiguous copy of this strided memoryview"
-        )
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 class ZeroCopyStream(trio.abc.HalfCloseableStream):
@@ -344,14 +329,19 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("can't send data after sending EOF")
         self._raise_if_broken()
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview | RegisteredContent) -> None:
         """Queue all of ``data`` for sending; return once it is queued.
 
         Waits only while this stream's share of the arena is full of bytes
-        the kernel has not finished with (the backpressure).
+        the kernel has not finished with (the backpressure).  ``data`` may
+        be a :class:`RegisteredContent` handle (``trio_uring.register``):
+        its bytes are queued by reference, without a copy.
         """
         with self._send_conflict:
-            view = _byte_view(data)
+            if data.__class__ is RegisteredContent:
+                await self._send_content(data)  # type: ignore[arg-type]
+                return
+            view = byte_view(data, "send_all()")
             if (
                 self._closed
                 or self._eof_sent
@@ -372,6 +362,36 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 counters.parent.bytes_copied += nbytes  # type: ignore[union-attr]
                 self._queued()
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_content(self, content: RegisteredContent) -> None:
+        """Queue a reference to registered content, waiting while the queue
+        already holds a share's worth of unsent bytes."""
+        if content.manager is not self.manager:
+            raise ValueError(
+                "this RegisteredContent was registered with another trio run's manager; "
+                "register the data again in this run"
+            )
+        content.segment()
+        self._check_can_send()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        queue = self.queue
+        if len(content):
+            limit = queue.limit * queue.slice_size
+            if queue.nbytes >= limit:
+                self._flush_now()
+                await self._wait_for(lambda: queue.nbytes < limit)
+                self._raise_if_broken()
+            queue.append_content(*content.segment())
+            if self.manager.ring is None:
+                try:
+                    await self._drain()
+                except BaseException as exc:
+                    if self._send_broken is None:
+                        self._send_broken = exc
+                    raise
+            else:
+                self._queued()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _queued(self) -> None:
         """Bytes were queued: flush now past the threshold, else at the tick."""

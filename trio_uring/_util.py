@@ -31,3 +31,20 @@ class ConflictDetector:
 
     def __exit__(self, *exc: object) -> None:
         self._held = False
+
+
+def byte_view(data: object, what: str) -> memoryview:
+    """``data`` as a flat memoryview of bytes, or a clear error for ``what``."""
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{what} needs a bytes-like object (bytes, bytearray, memoryview), "
+            f"not {type(data).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise ValueError(
+            f"{what} needs a contiguous buffer; pass bytes(view) or a "
+            "contiguous copy of this strided memoryview"
+        )
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
