@@ -117,10 +117,14 @@ async def test_closed_handle_keeps_its_memory_until_the_sends_are_done() -> None
         with pytest.raises(trio_uring.ContentFullError):
             trio_uring.register(b"y" * (region.size - 1024))
         got = bytearray()
-        async with stream, peer:
-            await stream.send_eof()
+
+        async def read() -> None:
             async for chunk in peer:
                 got.extend(chunk)
+
+        async with stream, peer, trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await stream.send_eof()
         assert bytes(got) == message * 8
         with trio.fail_after(5):
             while region.free_bytes != region.size:
