@@ -61,3 +61,48 @@ async def test_slices_are_not_reused_before_their_notification(strategy: str) ->
             got = bytes(received[i * CHUNK : (i + 1) * CHUNK])
             assert got == chunk(i), f"chunk {i} was overwritten by a later send"
         assert manager.arena.free_count == manager.arena.n_slices
+
+
+def small(i: int) -> bytes:
+    return i.to_bytes(4, "little") * 25  # 100 bytes, numbered
+
+
+@pytest.mark.skipif(not ZERO_COPY, reason="no zero-copy strategy runs on this kernel")
+@pytest.mark.parametrize("strategy", ZERO_COPY)
+async def test_packed_small_sends_are_not_rewritten_before_their_notification(
+    strategy: str,
+) -> None:
+    """Many tiny sends share slices: a request reads the front of a tail
+    slice while later messages are appended behind it, and the slice is
+    rewritten only after every request that read it was notified."""
+    count = 20_000
+    async with trio_uring.open_manager(
+        strategy=strategy, slice_size=CHUNK, arena_size=8 * CHUNK
+    ) as manager:
+        stream, peer = await tcp_pair()
+        peer.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, 4096)
+        received = bytearray()
+
+        async def slow_reader() -> None:
+            await trio.sleep(0.2)
+            async for data in peer:
+                received.extend(data)
+                await trio.sleep(0)
+
+        async with stream, peer:
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(slow_reader)
+                    for i in range(count):
+                        await stream.send_all(small(i))
+                    await stream.send_eof()
+            stats = stream.stats()
+        # Messages were packed: far fewer requests than send_all calls.
+        assert stats.sends < count // 4
+        assert len(received) == 100 * count
+        for i in range(count):
+            got = bytes(received[i * 100 : (i + 1) * 100])
+            assert got == small(i), f"message {i} was overwritten by a later send"
+        with trio.fail_after(5):
+            while manager.arena.free_count != manager.arena.n_slices:
+                await trio.sleep(0.005)
