@@ -296,6 +296,9 @@ def test_broadcast_to_subscribers() -> None:
     # Every subscriber got the same bytes: header (12 bytes) plus payload each time.
     per_stream = n_messages * (size + 12)
     assert rest.count(f": {per_stream} bytes in") == n_subs, rest
+    # Registered once per message, sent by reference: one copy, not one per subscriber.
+    assert f"{n_messages * (size + 12)} bytes copied in all" in rest, rest
+    assert rest.count(" 0 bytes copied,") == n_subs, rest
 
 
 # -- bulk_send -----------------------------------------------------------------------

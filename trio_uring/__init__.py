@@ -16,6 +16,7 @@ from ._highlevel import (
     serve_tcp,
 )
 from ._manager import (
+    DEFAULT_CONTENT_SIZE,
     IOManager,
     IoUringUnavailableWarning,
     ManagerClosedError,
@@ -30,6 +31,7 @@ from ._stream import StreamStats, ZeroCopyStream
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_CONTENT_SIZE",
     "STRATEGIES",
     "ContentFullError",
     "Features",
