@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from trio_uring.bench import cli, csender, loadgen, report, scenarios, sink, static
+from trio_uring.bench import cli, csender, csink, loadgen, report, scenarios, sink, static
 from trio_uring.bench.config import KIB, MIB, Config, size_label
 from trio_uring.bench.contenders import SendResult
 
@@ -142,9 +142,12 @@ def test_report_schema_and_table() -> None:
     config = Config(scenarios=("c",), reps=1)
     samples = [_sample("trio", 100.0, 0), _sample("uvloop", 150.0, 0)]
     started = datetime.datetime.now(datetime.timezone.utc)
-    rep = report.build_report(config, ["trio", "uvloop"], [], samples, 2, started, ["x"])
+    sink_info = {"kind": "c", "detail": "C sink (csink.c)"}
+    rep = report.build_report(config, ["trio", "uvloop"], [], samples, 2, started, ["x"], sink_info)
     rep = json.loads(json.dumps(rep))
     assert report.validate(rep) == []
+    assert rep["sink"] == sink_info
+    assert "sink: C sink (csink.c)" in report.format_summary(rep)
     assert rep["complete"] and rep["all_bytes_arrived"]
     assert rep["machine"]["cpu_count"] >= 1 and rep["features"]["strategy"]
     table = report.format_table(rep)
@@ -189,6 +192,47 @@ def test_sink_counts_every_byte() -> None:
         s.close()
         thread.join(5)
     assert s.connections == 3 and s.total == 1000 + 5 * (3 * MIB + 7)
+
+
+def test_c_sink_counts_every_byte_on_many_connections(tmp_path: Path) -> None:
+    """The C sink answers each of 100 concurrent connections with its own
+    count, keeps answering after peers that reset or vanish, and leaves no
+    thread or descriptor behind."""
+    choice = csink.choose_sink(tmp_path)
+    if choice.kind != csink.C:
+        pytest.skip(choice.detail)
+    sizes = [1 + 997 * i for i in range(100)]
+    counts: dict[int, int] = {}
+
+    with sink.sink_process(choice) as port:
+
+        def one(i: int) -> None:
+            counts[i] = _send_to_sink(port, b"s" * sizes[i], 7)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(sizes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for _ in range(20):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"r" * 100_000)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            conn.close()
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"v")
+            conn.shutdown(socket.SHUT_WR)
+            conn.close()
+        assert _send_to_sink(port, b"", 0) == 0
+        assert _send_to_sink(port, b"z" * (3 * MIB + 7), 5) == 5 * (3 * MIB + 7)
+    assert counts == {i: 7 * size for i, size in enumerate(sizes)}
+
+
+def test_sink_falls_back_to_python_without_a_compiler(tmp_path: Path) -> None:
+    choice = csink.choose_sink(tmp_path, compiler="no-such-compiler-here")
+    assert choice.kind == csink.PYTHON and "not found" in choice.detail
+    with sink.sink_process(choice) as port:
+        assert _send_to_sink(port, b"p" * 5000, 3) == 15000
 
 
 def test_count_encoding() -> None:
@@ -252,6 +296,9 @@ def test_quick_smoke_run(tmp_path: Path) -> None:
     echoes = [s for s in rep["samples"] if s["kind"] == "echo"]
     assert echoes and all(s["raw"]["requests"] > 0 for s in echoes)
     assert "smoke" in proc.stdout and "trio (abs)" in proc.stdout
+    expected_sink = csink.choose_sink().kind
+    assert rep["sink"]["kind"] == expected_sink
+    assert f"sink: {rep['sink']['detail']}" in proc.stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:
