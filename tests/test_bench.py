@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,17 @@ from typing import Any
 
 import pytest
 
-from trio_uring.bench import cli, csender, csink, loadgen, report, scenarios, sink, static
+from trio_uring.bench import (
+    callgrind,
+    cli,
+    csender,
+    csink,
+    loadgen,
+    report,
+    scenarios,
+    sink,
+    static,
+)
 from trio_uring.bench.config import KIB, MIB, Config, size_label
 from trio_uring.bench.contenders import SendResult
 
@@ -261,6 +272,79 @@ def test_plan_respects_selection() -> None:
     assert [c.scenario for c in remote] == ["a"]
     assert not scenarios.applies(scenarios.EchoCell("c", 4, 1.0), "c:send")
     assert not scenarios.applies(scenarios.SendCell("b", (4096,), 100, 1.0), "c:zc")
+
+
+def test_many_streams_and_echo_measure_zc_auto() -> None:
+    """Scenario b at 100 streams and the echo scenario c both run zc:auto."""
+    config = Config(scenarios=("b", "c"))
+    lineup = scenarios.resolve_contenders(config)
+    assert "zc:auto" in lineup.names
+    cells = scenarios.plan(config)
+    many = [c for c in cells if isinstance(c, scenarios.SendCell) and c.scenario == "b"]
+    echo = [c for c in cells if isinstance(c, scenarios.EchoCell) and c.scenario == "c"]
+    assert [c.streams for c in many] == [100] and [c.clients for c in echo] == [100]
+    assert all(scenarios.applies(c, "zc:auto") for c in [*many, *echo])
+    assert scenarios.count_samples([*many, *echo], ["zc:auto"], 1) == len(Config().sizes_many) + 1
+
+
+def test_callgrind_arithmetic() -> None:
+    assert callgrind.parse_total("events: Ir\nsummary: 1234\ntotals: 1234\n") == 1234
+    assert callgrind.parse_total("events: Ir\ntotals: 99\n") == 99
+    with pytest.raises(ValueError):
+        callgrind.parse_total("events: Ir\n")
+    assert callgrind.per_call(1_000_000, 1_300_000, 100, 400) == 1000.0
+    with pytest.raises(ValueError):
+        callgrind.per_call(1, 2, 5, 5)
+    runs = callgrind.plan_runs(["trio"], ((4096, 10, 30), (MIB, 2, 6)))
+    assert [(r.counts, r.measures) for r in runs] == [
+        (((4096, 10), (MIB, 2)), None),
+        (((4096, 30), (MIB, 2)), 4096),
+        (((4096, 10), (MIB, 6)), MIB),
+    ]
+
+
+def test_callgrind_without_valgrind_skips(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(callgrind.shutil, "which", lambda name: None)
+    assert callgrind.main(["--out", str(tmp_path)]) == 0
+    assert "valgrind not found" in capsys.readouterr().err
+    assert not (tmp_path / callgrind.REPORT_NAME).exists()
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_callgrind_counts_instructions_per_send_all(tmp_path: Path) -> None:
+    """Tiny counts, trio and zc:auto: every run completes, the longer run
+    executes more instructions, and the table and JSON carry the result."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_uring.bench.callgrind",
+            "--contenders",
+            "zc:auto",
+            "--counts",
+            "4096:5:25",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / callgrind.REPORT_NAME).read_text())
+    assert rep["schema"] == callgrind.SCHEMA and rep["errors"] == []
+    assert rep["contenders"] == ["trio", "zc:auto"]
+    assert rep["sink"]["kind"] == csink.choose_sink().kind
+    by_name = {r["contender"]: r for r in rep["results"]}
+    assert set(by_name) == {"trio", "zc:auto"}
+    for r in by_name.values():
+        assert (r["size"], r["n1"], r["n2"]) == (4096, 5, 25)
+        assert r["ir_n2"] > r["ir_n1"] > 0
+        assert r["instructions_per_send_all"] == (r["ir_n2"] - r["ir_n1"]) / 20
+    assert by_name["trio"]["ratio"] == 1.0
+    assert "zc:auto" in proc.stdout and "instructions per send_all" in proc.stdout
 
 
 def test_quick_smoke_run(tmp_path: Path) -> None:
