@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,17 @@ from typing import Any
 
 import pytest
 
-from trio_uring.bench import cli, csender, loadgen, report, scenarios, sink, static
+from trio_uring.bench import (
+    callgrind,
+    cli,
+    csender,
+    csink,
+    loadgen,
+    report,
+    scenarios,
+    sink,
+    static,
+)
 from trio_uring.bench.config import KIB, MIB, Config, size_label
 from trio_uring.bench.contenders import SendResult
 
@@ -142,9 +153,12 @@ def test_report_schema_and_table() -> None:
     config = Config(scenarios=("c",), reps=1)
     samples = [_sample("trio", 100.0, 0), _sample("uvloop", 150.0, 0)]
     started = datetime.datetime.now(datetime.timezone.utc)
-    rep = report.build_report(config, ["trio", "uvloop"], [], samples, 2, started, ["x"])
+    sink_info = {"kind": "c", "detail": "C sink (csink.c)"}
+    rep = report.build_report(config, ["trio", "uvloop"], [], samples, 2, started, ["x"], sink_info)
     rep = json.loads(json.dumps(rep))
     assert report.validate(rep) == []
+    assert rep["sink"] == sink_info
+    assert "sink: C sink (csink.c)" in report.format_summary(rep)
     assert rep["complete"] and rep["all_bytes_arrived"]
     assert rep["machine"]["cpu_count"] >= 1 and rep["features"]["strategy"]
     table = report.format_table(rep)
@@ -191,6 +205,47 @@ def test_sink_counts_every_byte() -> None:
     assert s.connections == 3 and s.total == 1000 + 5 * (3 * MIB + 7)
 
 
+def test_c_sink_counts_every_byte_on_many_connections(tmp_path: Path) -> None:
+    """The C sink answers each of 100 concurrent connections with its own
+    count, keeps answering after peers that reset or vanish, and leaves no
+    thread or descriptor behind."""
+    choice = csink.choose_sink(tmp_path)
+    if choice.kind != csink.C:
+        pytest.skip(choice.detail)
+    sizes = [1 + 997 * i for i in range(100)]
+    counts: dict[int, int] = {}
+
+    with sink.sink_process(choice) as port:
+
+        def one(i: int) -> None:
+            counts[i] = _send_to_sink(port, b"s" * sizes[i], 7)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(sizes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for _ in range(20):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"r" * 100_000)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            conn.close()
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"v")
+            conn.shutdown(socket.SHUT_WR)
+            conn.close()
+        assert _send_to_sink(port, b"", 0) == 0
+        assert _send_to_sink(port, b"z" * (3 * MIB + 7), 5) == 5 * (3 * MIB + 7)
+    assert counts == {i: 7 * size for i, size in enumerate(sizes)}
+
+
+def test_sink_falls_back_to_python_without_a_compiler(tmp_path: Path) -> None:
+    choice = csink.choose_sink(tmp_path, compiler="no-such-compiler-here")
+    assert choice.kind == csink.PYTHON and "not found" in choice.detail
+    with sink.sink_process(choice) as port:
+        assert _send_to_sink(port, b"p" * 5000, 3) == 15000
+
+
 def test_count_encoding() -> None:
     assert sink.decode_count(sink.encode_count(2**40 + 3)) == 2**40 + 3
     with pytest.raises(ValueError):
@@ -217,6 +272,79 @@ def test_plan_respects_selection() -> None:
     assert [c.scenario for c in remote] == ["a"]
     assert not scenarios.applies(scenarios.EchoCell("c", 4, 1.0), "c:send")
     assert not scenarios.applies(scenarios.SendCell("b", (4096,), 100, 1.0), "c:zc")
+
+
+def test_many_streams_and_echo_measure_zc_auto() -> None:
+    """Scenario b at 100 streams and the echo scenario c both run zc:auto."""
+    config = Config(scenarios=("b", "c"))
+    lineup = scenarios.resolve_contenders(config)
+    assert "zc:auto" in lineup.names
+    cells = scenarios.plan(config)
+    many = [c for c in cells if isinstance(c, scenarios.SendCell) and c.scenario == "b"]
+    echo = [c for c in cells if isinstance(c, scenarios.EchoCell) and c.scenario == "c"]
+    assert [c.streams for c in many] == [100] and [c.clients for c in echo] == [100]
+    assert all(scenarios.applies(c, "zc:auto") for c in [*many, *echo])
+    assert scenarios.count_samples([*many, *echo], ["zc:auto"], 1) == len(Config().sizes_many) + 1
+
+
+def test_callgrind_arithmetic() -> None:
+    assert callgrind.parse_total("events: Ir\nsummary: 1234\ntotals: 1234\n") == 1234
+    assert callgrind.parse_total("events: Ir\ntotals: 99\n") == 99
+    with pytest.raises(ValueError):
+        callgrind.parse_total("events: Ir\n")
+    assert callgrind.per_call(1_000_000, 1_300_000, 100, 400) == 1000.0
+    with pytest.raises(ValueError):
+        callgrind.per_call(1, 2, 5, 5)
+    runs = callgrind.plan_runs(["trio"], ((4096, 10, 30), (MIB, 2, 6)))
+    assert [(r.counts, r.measures) for r in runs] == [
+        (((4096, 10), (MIB, 2)), None),
+        (((4096, 30), (MIB, 2)), 4096),
+        (((4096, 10), (MIB, 6)), MIB),
+    ]
+
+
+def test_callgrind_without_valgrind_skips(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(callgrind.shutil, "which", lambda name: None)
+    assert callgrind.main(["--out", str(tmp_path)]) == 0
+    assert "valgrind not found" in capsys.readouterr().err
+    assert not (tmp_path / callgrind.REPORT_NAME).exists()
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_callgrind_counts_instructions_per_send_all(tmp_path: Path) -> None:
+    """Tiny counts, trio and zc:auto: every run completes, the longer run
+    executes more instructions, and the table and JSON carry the result."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_uring.bench.callgrind",
+            "--contenders",
+            "zc:auto",
+            "--counts",
+            "4096:5:25",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / callgrind.REPORT_NAME).read_text())
+    assert rep["schema"] == callgrind.SCHEMA and rep["errors"] == []
+    assert rep["contenders"] == ["trio", "zc:auto"]
+    assert rep["sink"]["kind"] == csink.choose_sink().kind
+    by_name = {r["contender"]: r for r in rep["results"]}
+    assert set(by_name) == {"trio", "zc:auto"}
+    for r in by_name.values():
+        assert (r["size"], r["n1"], r["n2"]) == (4096, 5, 25)
+        assert r["ir_n2"] > r["ir_n1"] > 0
+        assert r["instructions_per_send_all"] == (r["ir_n2"] - r["ir_n1"]) / 20
+    assert by_name["trio"]["ratio"] == 1.0
+    assert "zc:auto" in proc.stdout and "instructions per send_all" in proc.stdout
 
 
 def test_quick_smoke_run(tmp_path: Path) -> None:
@@ -252,6 +380,9 @@ def test_quick_smoke_run(tmp_path: Path) -> None:
     echoes = [s for s in rep["samples"] if s["kind"] == "echo"]
     assert echoes and all(s["raw"]["requests"] > 0 for s in echoes)
     assert "smoke" in proc.stdout and "trio (abs)" in proc.stdout
+    expected_sink = csink.choose_sink().kind
+    assert rep["sink"]["kind"] == expected_sink
+    assert f"sink: {rep['sink']['detail']}" in proc.stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:

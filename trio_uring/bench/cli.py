@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
+from . import csink
 from .chart import ChartUnavailable, write_chart
 from .config import DEFAULT_SCENARIOS, SCENARIO_TITLES, SCENARIOS, Config
 from .report import build_report, format_summary
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--streams", type=_positive_int, help="streams in scenario b (100)")
     parser.add_argument("--clients", type=_positive_int, help="echo clients in scenario c (100)")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG")
-    parser.add_argument("--cache-dir", type=Path, help="where the C sender is compiled")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="where the C sender and the C sink are compiled"
+    )
     return parser
 
 
@@ -116,13 +120,21 @@ def run(config: Config, argv: list[str]) -> dict[str, object]:
     lineup = resolve_contenders(config)
     for s in lineup.skipped:
         progress.note(f"skipping {s['contender']}: {s['reason']}")
+    if lineup.sink is not None and lineup.sink.kind != csink.C:
+        progress.note(f"sink: {lineup.sink.detail}")
     if config.connect is not None and "c" in config.scenarios:
         progress.note("skipping scenario c with --connect: the echo servers run locally")
     cells = plan(config)
     expected = count_samples(cells, lineup.names, config.reps)
     progress.total = expected
     samples = Runner(config, lineup, progress).run(cells)
-    report = build_report(config, lineup.names, lineup.skipped, samples, expected, started, argv)
+    if lineup.sink is not None:
+        sink = lineup.sink.as_dict()
+    else:
+        sink = {"kind": "remote", "detail": "the sink of another host (--connect)"}
+    report = build_report(
+        config, lineup.names, lineup.skipped, samples, expected, started, argv, sink
+    )
     config.out.mkdir(parents=True, exist_ok=True)
     json_path = config.out / REPORT_NAME
     json_path.write_text(json.dumps(report, indent=1))
@@ -136,11 +148,22 @@ def run(config: Config, argv: list[str]) -> dict[str, object]:
     return report
 
 
+def serve_sink(port: int, host: str, cache_dir: Path | None) -> None:
+    """``--sink``: run the sink in the foreground, the C one where it builds,
+    so that a two-host run measures against the same receiver as a local one."""
+    choice = csink.choose_sink(cache_dir)
+    print(choice.detail, file=sys.stderr, flush=True)
+    if choice.kind == csink.C:
+        command = choice.command(host, port, verbose=True)
+        os.execv(command[0], command)
+    run_sink(port, host, verbose=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     raw_argv = sys.argv[1:] if argv is None else argv
     args, config = parse_args(raw_argv)
     if args.sink is not None:
-        run_sink(args.sink, args.sink_host, verbose=True)
+        serve_sink(args.sink, args.sink_host, args.cache_dir)
         return 0
     report = run(config, ["python", "-m", "trio_uring.bench", *raw_argv])
     return 0 if report["complete"] else 1

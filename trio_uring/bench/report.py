@@ -259,7 +259,10 @@ def build_report(
     expected_samples: int,
     started: datetime.datetime,
     argv: list[str],
+    sink: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The report of a run; ``sink`` says which receiver the senders used
+    (``csink.SinkChoice.as_dict``), since it changes every send figure."""
     results = aggregate(samples, config.scenarios)
     zc = "zc:auto"
     finished = datetime.datetime.now(datetime.timezone.utc)
@@ -275,6 +278,7 @@ def build_report(
         "config": config.as_dict(),
         "baseline": contenders.BASELINE,
         "contenders": names,
+        "sink": sink or {"kind": "unknown", "detail": "not recorded"},
         "skipped": skipped,
         "expected_samples": expected_samples,
         "complete": len(samples) == expected_samples and all(s["ok"] for s in samples),
@@ -299,6 +303,7 @@ _REQUIRED = {
     "config": dict,
     "baseline": str,
     "contenders": list,
+    "sink": dict,
     "skipped": list,
     "expected_samples": int,
     "complete": bool,
@@ -356,6 +361,8 @@ def validate(report: dict[str, Any]) -> list[str]:
     for key in ("platform", "kernel", "cpu_count"):
         if key not in report["machine"]:
             problems.append(f"machine info lacks {key!r}")
+    if "kind" not in report["sink"]:
+        problems.append("sink lacks 'kind'")
     if "strategy" not in report["features"]:
         problems.append("features lacks 'strategy'")
     for i, s in enumerate(report["samples"]):
@@ -457,6 +464,7 @@ def format_summary(report: dict[str, Any]) -> str:
     parts = []
     for scenario in report["config"]["scenarios"]:
         parts.append(f"{scenario}: {SCENARIO_TITLES[scenario]}")
+    parts.append(f"sink: {report['sink']['detail']}")
     parts.append(
         "cells: median ratio to trio's median; ±: half the min-max range of the repetitions, "
         "in % of the median"

@@ -25,6 +25,7 @@ import trio_uring
 from . import contenders, csender, static
 from .config import Config, size_label
 from .contenders import SendResult
+from .csink import SinkChoice, choose_sink
 from .sink import sink_process
 
 GIB = 1 << 30
@@ -75,16 +76,18 @@ class Progress:
 
 @dataclasses.dataclass
 class Lineup:
-    """The contenders this run measures and those it had to skip, with why."""
+    """The contenders this run measures and those it had to skip, with why,
+    and the sink they send to (None with ``--connect``: the sink is remote)."""
 
     names: list[str]
     skipped: list[dict[str, str]]
     c_binary: Any = None
+    sink: SinkChoice | None = None
 
 
 def resolve_contenders(config: Config) -> Lineup:
-    """Expand ``zc:*`` to the runnable strategies, build the C sender, and
-    drop (with a reason) whatever cannot run here."""
+    """Expand ``zc:*`` to the runnable strategies, build the C sender and
+    the C sink, and drop (with a reason) whatever cannot run here."""
     names: list[str] = []
     skipped: list[dict[str, str]] = []
     strategies = contenders.runnable_strategies()
@@ -117,7 +120,8 @@ def resolve_contenders(config: Config) -> Lineup:
         for name in config.contenders:
             if name not in known:
                 skipped.append({"contender": name, "reason": "unknown contender"})
-    return Lineup(names, skipped, c_binary)
+    sink = choose_sink(config.cache_dir) if config.connect is None else None
+    return Lineup(names, skipped, c_binary, sink)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,7 +435,7 @@ class Runner:
             host, port = self.config.connect
             sink = contextlib.nullcontext(port)
         else:
-            host, sink = "127.0.0.1", sink_process()
+            host, sink = "127.0.0.1", sink_process(self.lineup.sink)
         with sink as port, tempfile.TemporaryDirectory(prefix="trio_uring-bench-") as tmp:
             root = Path(tmp)
             for cell in cells:

@@ -1,4 +1,7 @@
-"""The receiving end that every sender contender talks to.
+"""The receiving end that every sender contender talks to, in Python.
+
+The bench runs the C sink of ``csink.c`` (see ``csink.py``); this one is
+the fallback where gcc is missing, and the reference for the protocol.
 
 One sink serves every contender, in its own process, so that no contender
 is measured with a faster or slower receiver than another.  Each connection
@@ -14,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
+
+from .csink import PYTHON, SinkChoice
 
 #: Size of the receive buffer; large enough that one call drains what
 #: loopback can queue, so the sink makes few calls per megabyte.
@@ -94,18 +98,19 @@ def run_sink(port: int, host: str = "127.0.0.1", verbose: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def sink_process(host: str = "127.0.0.1") -> Iterator[int]:
-    """Start a sink in a child process; yield its port, stop it on exit."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trio_uring.bench", "--sink", "0", "--sink-host", host],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def sink_process(choice: SinkChoice | None = None, host: str = "127.0.0.1") -> Iterator[int]:
+    """Start a sink in a child process; yield its port, stop it on exit.
+
+    ``choice`` says which sink (see ``csink.choose_sink``); without one it
+    is the Python sink of this module.
+    """
+    choice = choice or SinkChoice(PYTHON, None, "Python sink (sink.py)")
+    proc = subprocess.Popen(choice.command(host, 0), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("sink listening on "):
-            raise RuntimeError(f"the sink process did not start: {line!r}")
+            raise RuntimeError(f"the {choice.kind} sink process did not start: {line!r}")
         yield int(line.rsplit(":", 1)[1])
     finally:
         proc.terminate()

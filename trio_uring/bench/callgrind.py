@@ -1,0 +1,378 @@
+"""Instructions per ``send_all``, counted by callgrind.
+
+python -m trio_uring.bench.callgrind                        # about three minutes
+python -m trio_uring.bench.callgrind --contenders trio,zc:auto --counts 4096:100:300
+
+Wall-clock figures move with whatever else runs on a shared machine; the
+number of user-space instructions a call executes hardly does.  This
+counts them with ``valgrind --tool=callgrind`` for trio's ``SocketStream``
+and for ``ZeroCopyStream`` (``zc:auto`` and every strategy this kernel
+runs), sending to the C sink.
+
+Method: the same sender program (``counted_send.py``) runs under callgrind
+once with ``N1`` calls per payload size and once more per size with ``N2``
+calls of that size; ``(Ir(N2) - Ir(N1)) / (N2 - N1)`` is the cost of one
+call, because start-up, imports, connecting, the manager's set-up and a
+stream's first sends (where ``zc:auto`` finds out that loopback copies)
+are the same in both runs and cancel.  ``N1`` is large enough to cover
+that warm-up.  Only the sender runs under valgrind; the kernel's work is
+not counted (it is not user space), nor is the sink's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio_uring
+
+from . import contenders, csink
+from .config import KIB, MIB, Config, size_label
+from .report import machine_info
+from .sink import sink_process
+
+SCHEMA = "trio_uring.bench.callgrind/1"
+REPORT_NAME = "callgrind.json"
+#: (size, N1, N2): N1 covers a stream's warm-up (zc:auto leaves zero copy
+#: after 32 "copied" notifications), N2 - N1 calls are what is measured.
+DEFAULT_COUNTS = ((4 * KIB, 500, 2500), (MIB, 40, 120))
+BASELINE = contenders.BASELINE
+
+
+class ValgrindMissing(RuntimeError):
+    """valgrind is not installed; the message says how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One callgrind run of the sender: ``counts`` maps size -> calls."""
+
+    contender: str
+    counts: tuple[tuple[int, int], ...]
+    measures: int | None  # the size whose count is N2, None for the base run
+
+
+def find_valgrind() -> str:
+    path = shutil.which("valgrind")
+    if path is None:
+        raise ValgrindMissing(
+            "valgrind not found on PATH (apt-get install valgrind); instruction counts are skipped"
+        )
+    return path
+
+
+def interpreter() -> str:
+    """The Python binary to run under valgrind.
+
+    valgrind must start the interpreter itself: a wrapper script (a pyenv
+    shim) would be what it instruments, and the interpreter it starts would
+    run uninstrumented.  Outside a virtual environment the real path of
+    ``sys.executable`` is used; inside one the link is kept, since the
+    environment is found through it.
+    """
+    path = sys.executable
+    if sys.prefix == sys.base_prefix:
+        path = os.path.realpath(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise RuntimeError(f"{path} is not an executable binary; valgrind cannot run it")
+    return path
+
+
+def parse_total(text: str) -> int:
+    """Total instructions (Ir) from a callgrind output file."""
+    for key in ("summary", "totals"):
+        match = re.search(rf"^{key}:\s*(\d+)", text, re.MULTILINE)
+        if match:
+            return int(match.group(1))
+    raise ValueError("no 'summary:' or 'totals:' line in the callgrind output")
+
+
+def per_call(ir_n1: int, ir_n2: int, n1: int, n2: int) -> float:
+    """Instructions of one call: the difference of two runs over the
+    difference of their call counts."""
+    if n2 <= n1:
+        raise ValueError(f"N2 ({n2}) must exceed N1 ({n1})")
+    return (ir_n2 - ir_n1) / (n2 - n1)
+
+
+def plan_runs(names: list[str], counts: tuple[tuple[int, int, int], ...]) -> list[Run]:
+    """Per contender: one run with N1 calls of every size, and one per size
+    with N2 calls of that size (and N1 of the others)."""
+    runs = []
+    for name in names:
+        base = tuple((size, n1) for size, n1, _ in counts)
+        runs.append(Run(name, base, None))
+        for size, _, n2 in counts:
+            runs.append(Run(name, tuple((s, n2 if s == size else c) for s, c in base), size))
+    return runs
+
+
+def resolve_names(chosen: list[str] | None) -> tuple[list[str], list[dict[str, str]]]:
+    """trio, zc:auto and each strategy this kernel runs (or the ``chosen``
+    subset, trio always kept); the others with the reason they are skipped."""
+    runnable = contenders.runnable_strategies()
+    every = [BASELINE, "zc:auto", *(f"zc:{s}" for s in runnable)]
+    skipped = [
+        {"contender": f"zc:{s}", "reason": "this kernel cannot run it"}
+        for s in trio_uring.STRATEGIES
+        if s not in runnable
+    ]
+    if chosen is None:
+        return every, skipped
+    names = [n for n in every if n == BASELINE or n in chosen]
+    skipped += [{"contender": n, "reason": "unknown contender"} for n in chosen if n not in every]
+    return names, skipped
+
+
+def run_one(run: Run, valgrind: str, python: str, port: int, config: Config, workdir: Path) -> int:
+    """Run the sender under callgrind; return its total instruction count."""
+    job = {
+        "contender": run.contender,
+        "host": "127.0.0.1",
+        "port": port,
+        "counts": [list(pair) for pair in run.counts],
+        "arena_size": config.arena_size,
+        "slice_size": config.slice_size,
+    }
+    out = workdir / f"callgrind.{os.getpid()}.{time.monotonic_ns()}.out"
+    # A fixed hash seed: dict and set layouts, and so the instructions that
+    # walk them, are then the same in both runs of a difference.
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    proc = subprocess.run(
+        [
+            valgrind,
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            python,
+            "-m",
+            "trio_uring.bench.counted_send",
+            json.dumps(job),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("==")]
+        raise RuntimeError((lines or ["no output"])[-1] + f" (exit status {proc.returncode})")
+    try:
+        return parse_total(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def measure(
+    names: list[str],
+    counts: tuple[tuple[int, int, int], ...],
+    config: Config,
+    port: int,
+    jobs: int,
+    valgrind: str,
+    python: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Run every planned run (``jobs`` at a time); return the results per
+    (contender, size) and the errors."""
+    runs = plan_runs(names, counts)
+    totals: dict[Run, int] = {}
+    errors: list[dict[str, str]] = []
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="trio_uring-callgrind-") as tmp:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {
+                pool.submit(run_one, r, valgrind, python, port, config, Path(tmp)): r for r in runs
+            }
+            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                r = futures[future]
+                what = "base" if r.measures is None else f"N2 at {size_label(r.measures)}"
+                try:
+                    totals[r] = future.result()
+                    detail = f"{totals[r]:,} Ir"
+                except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+                    errors.append({"contender": r.contender, "run": what, "error": str(exc)})
+                    detail = f"FAILED: {exc}"
+                elapsed = time.monotonic() - start
+                print(
+                    f"[{i}/{len(runs)} {elapsed:4.0f}s] {r.contender} {what}: {detail}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    results = []
+    by_key = {(r.contender, r.measures): r for r in runs}
+    for name in names:
+        base = by_key[(name, None)]
+        for size, n1, n2 in counts:
+            run = by_key[(name, size)]
+            if base not in totals or run not in totals:
+                continue
+            results.append(
+                {
+                    "contender": name,
+                    "size": size,
+                    "param": size_label(size),
+                    "n1": n1,
+                    "n2": n2,
+                    "ir_n1": totals[base],
+                    "ir_n2": totals[run],
+                    "instructions_per_send_all": per_call(totals[base], totals[run], n1, n2),
+                }
+            )
+    for r in results:
+        base_r = next(
+            (b for b in results if b["contender"] == BASELINE and b["size"] == r["size"]), None
+        )
+        base_value = base_r["instructions_per_send_all"] if base_r else 0.0
+        r["ratio"] = r["instructions_per_send_all"] / base_value if base_value else None
+    return results, errors
+
+
+def _human(value: float) -> str:
+    for limit, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """One row per contender, one column per size: instructions per call
+    and, for all but trio, the ratio to trio's."""
+    sizes = [c["size"] for c in report["counts"]]
+    header = ["contender", *(size_label(s) for s in sizes)]
+    lines = [header]
+    for name in report["contenders"]:
+        row = [name]
+        for size in sizes:
+            r = next(
+                (x for x in report["results"] if x["contender"] == name and x["size"] == size),
+                None,
+            )
+            if r is None:
+                row.append("failed")
+            elif name == BASELINE or r["ratio"] is None:
+                row.append(_human(r["instructions_per_send_all"]))
+            else:
+                row.append(f"{_human(r['instructions_per_send_all'])} ({r['ratio']:.2f}x)")
+        lines.append(row)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    counts = ", ".join(
+        f"{size_label(c['size'])}: N1={c['n1']} N2={c['n2']}" for c in report["counts"]
+    )
+    title = (
+        "user-space instructions per send_all (callgrind), (Ir(N2) - Ir(N1)) / (N2 - N1); "
+        "in brackets: ratio to trio"
+    )
+    return "\n".join([title, f"counts: {counts}", f"sink: {report['sink']['detail']}", *text])
+
+
+def _counts(text: str) -> tuple[int, int, int]:
+    try:
+        size, n1, n2 = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE:N1:N2, got {text!r}") from None
+    if size < 1 or n1 < 0 or n2 <= n1:
+        raise argparse.ArgumentTypeError(f"need SIZE >= 1 and 0 <= N1 < N2, got {text!r}")
+    return size, n1, n2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_counts = " ".join(f"{s}:{a}:{b}" for s, a, b in DEFAULT_COUNTS)
+    parser = argparse.ArgumentParser(
+        prog="python -m trio_uring.bench.callgrind",
+        description="Count user-space instructions per send_all with valgrind's callgrind.",
+    )
+    parser.add_argument(
+        "--contenders",
+        metavar="LIST",
+        help="comma-separated subset of trio, zc:auto, zc:<strategy> (trio is always kept)",
+    )
+    parser.add_argument(
+        "--counts",
+        type=_counts,
+        action="append",
+        metavar="SIZE:N1:N2",
+        help=f"payload size and the two call counts, repeatable; default {default_counts}",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help=f"directory for {REPORT_NAME}"
+    )
+    parser.add_argument("--cache-dir", type=Path, help="where the C sink is compiled")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw_argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(raw_argv)
+    try:
+        valgrind = find_valgrind()
+    except ValgrindMissing as exc:
+        print(exc, file=sys.stderr)
+        return 0
+    counts: tuple[tuple[int, int, int], ...] = tuple(args.counts or DEFAULT_COUNTS)
+    chosen = [c.strip() for c in args.contenders.split(",")] if args.contenders else None
+    names, skipped = resolve_names(chosen)
+    for s in skipped:
+        print(f"skipping {s['contender']}: {s['reason']}", file=sys.stderr)
+    config = Config()
+    python = interpreter()
+    version = subprocess.run([valgrind, "--version"], capture_output=True, text=True)
+    sink = csink.choose_sink(args.cache_dir)
+    if sink.kind != csink.C:
+        print(f"sink: {sink.detail}", file=sys.stderr)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    with sink_process(sink) as port:
+        results, errors = measure(names, counts, config, port, max(1, args.jobs), valgrind, python)
+    report = {
+        "schema": SCHEMA,
+        "command": ["python", "-m", "trio_uring.bench.callgrind", *raw_argv],
+        "started_at": started.isoformat(),
+        "duration_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
+        "method": "(Ir(N2) - Ir(N1)) / (N2 - N1), user space of the sender, valgrind callgrind",
+        "valgrind": version.stdout.strip(),
+        "python": python,
+        "machine": machine_info(),
+        "features": trio_uring.features().as_dict(),
+        "arena_size": config.arena_size,
+        "slice_size": config.slice_size,
+        "sink": sink.as_dict(),
+        "counts": [{"size": s, "n1": a, "n2": b} for s, a, b in counts],
+        "contenders": names,
+        "skipped": skipped,
+        "errors": errors,
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / REPORT_NAME
+    path.write_text(json.dumps(report, indent=1))
+    print(format_table(report))
+    for e in errors:
+        print(f"{e['contender']} {e['run']} FAILED: {e['error']}")
+    print(f"\nJSON: {path}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
