@@ -130,7 +130,7 @@ def test_entries_in_the_other_split_send_wrong_bytes(split: str) -> None:
         ) as manager:
             # Something other than the payload in every slice first, so no
             # stale copy of it can pass for the right bytes.
-            manager.arena.view[:] = b"\xee" * manager.arena.size
+            manager.arena.view[: manager.arena.size] = b"\xee" * manager.arena.size
             stream, peer = await tcp_pair()
             if split == "other":
                 stream.provided_ring.split = other_split(probed)
