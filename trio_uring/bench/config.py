@@ -12,14 +12,15 @@ from pathlib import Path
 KIB = 1024
 MIB = 1024 * KIB
 
-SCENARIOS = ("a", "b", "c", "d", "e", "smoke")
-DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e")
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "smoke")
+DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e", "f")
 SCENARIO_TITLES = {
     "a": "one stream, send_all of one payload size",
     "b": "concurrent streams in one process",
     "c": "echo server, concurrent request/response clients",
     "d": "sender CPU and io_uring_enter calls per GiB (one stream)",
     "e": "static files over HTTP/1.1: wrk, 50 connections, files from the page cache",
+    "f": "fan-out: one publisher, the same message to every subscriber stream",
     "smoke": "smoke test: every contender, briefly",
 }
 
@@ -59,10 +60,14 @@ class Config:
     static_sizes: tuple[int, ...] = (16 * KIB, MIB)
     static_connections: int = 50
     duration_static: float = 3.0
+    fanout_sizes: tuple[int, ...] = (64 * KIB,)
+    fanout_subscribers: int = 100
+    duration_fanout: float = 2.0
     smoke_size: int = 64 * KIB
     smoke_clients: int = 8
+    #: The library's own defaults: zc:auto is measured as users get it.
     arena_size: int = 4 * MIB
-    slice_size: int = 64 * KIB
+    slice_size: int = 16 * KIB
     chart: bool = True
     cache_dir: Path | None = None
 
@@ -75,6 +80,7 @@ class Config:
             "duration_many": 0.2,
             "duration_echo": 0.4,
             "duration_static": 1.0,
+            "duration_fanout": 0.2,
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

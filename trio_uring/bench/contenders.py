@@ -54,6 +54,8 @@ class SendResult:
     enter_calls: int = 0
     notifications: int = 0
     notifications_copied: int = 0
+    #: Bytes copied in user space into registered memory (trio_uring only).
+    bytes_copied: int = 0
     rss_start_kib: int = 0
     rss_end_kib: int = 0
 
@@ -166,6 +168,72 @@ async def trio_send(
             )
         await stream.aclose()
     return result
+
+
+#: Scenario f: registered content for the messages 100 subscribers hold at once.
+FANOUT_CONTENT_SIZE = 32 * 1024 * 1024
+
+
+async def trio_fanout(
+    open_stream: Callable[[str, int], Awaitable[Any]],
+    host: str,
+    port: int,
+    size: int,
+    duration: float,
+    subscribers: int,
+    manager: trio_uring.IOManager | None,
+) -> SendResult:
+    """One publisher task sends each message to every subscriber in turn.
+
+    With trio (``manager`` None) each ``send_all`` gets the same ``bytes``;
+    with trio_uring each message is registered once and every subscriber
+    gets the handle.  ``messages`` counts published messages; the bytes
+    are those delivered to all subscribers.
+    """
+    payload = b"f" * size
+    conns = [await open_stream(host, port) for _ in range(subscribers)]
+    rss0 = rss_kib()
+    enters0 = int(manager.stats()["io_uring_enter_calls"]) if manager else 0  # type: ignore[call-overload]
+    copied0 = int(manager.stats()["bytes_copied"]) if manager else 0  # type: ignore[call-overload]
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    deadline = start + duration
+    published = 0
+    while time.perf_counter() < deadline:
+        if manager is None:
+            for stream in conns:
+                await stream.send_all(payload)
+        else:
+            while True:
+                try:
+                    message = manager.register(payload)
+                    break
+                except trio_uring.ContentFullError:
+                    # Every registered message is still being sent: wait for one.
+                    await trio.sleep(0.001)
+            with message:
+                for stream in conns:
+                    await stream.send_all(message)
+        published += 1
+    received = []
+    for stream in conns:
+        await stream.send_eof()
+        received.append(await _read_ack_trio(stream))
+    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
+    for stream in conns:
+        await stream.aclose()
+    return SendResult(
+        messages=published,
+        bytes_sent=published * size * subscribers,
+        bytes_received=sum(received),
+        elapsed=elapsed,
+        cpu=cpu,
+        enter_calls=int(manager.stats()["io_uring_enter_calls"]) - enters0 if manager else 0,  # type: ignore[call-overload]
+        bytes_copied=int(manager.stats()["bytes_copied"]) - copied0 if manager else 0,  # type: ignore[call-overload]
+        rss_start_kib=rss0,
+        rss_end_kib=rss_kib(),
+    )
 
 
 async def _echo_handler(stream: Any) -> None:

@@ -159,6 +159,12 @@ def plan(config: Config) -> list[Cell]:
         cells.append(SendCell("a", tuple(sizes), 1, config.duration_one))
     if "b" in chosen:
         cells.append(SendCell("b", config.sizes_many, config.streams, config.duration_many))
+    if "f" in chosen:
+        cells.append(
+            SendCell(
+                "f", config.fanout_sizes, config.fanout_subscribers, config.duration_fanout
+            )
+        )
     if "c" in chosen and config.connect is None:
         cells.append(EchoCell("c", config.clients, config.duration_echo))
     if "e" in chosen and config.connect is None and static.find_wrk() is not None:
@@ -178,7 +184,10 @@ def applies(cell: Cell, contender: str) -> bool:
     if isinstance(cell, StaticCell):
         return contender in static.STATIC_CONTENDERS
     if contender in contenders.C_CONTENDERS:
-        return isinstance(cell, SendCell) and cell.streams == 1
+        return isinstance(cell, SendCell) and cell.streams == 1 and cell.scenario != "f"
+    if isinstance(cell, SendCell) and cell.scenario == "f":
+        # trio's send_all of the same bytes against registered content.
+        return contender == contenders.BASELINE or contenders.is_zero_copy(contender)
     return True
 
 
@@ -200,6 +209,9 @@ def send_metrics(r: SendResult, size: int) -> dict[str, float | None]:
         "cpu_s_per_gib": r.cpu / gib if gib else None,
         "enter_calls_per_gib": r.enter_calls / gib if gib and r.enter_calls else None,
         "rss_growth_kib": float(r.rss_end_kib - r.rss_start_kib) if r.rss_start_kib else None,
+        # User-space copies of the payload per message (trio_uring counts
+        # them; for trio, send_all copies nothing in user space).
+        "copies_per_message": r.bytes_copied / (r.messages * size) if r.messages else None,
     }
 
 
@@ -272,6 +284,7 @@ class Runner:
             sizes=list(cell.sizes),
             duration=cell.duration,
             streams=cell.streams,
+            fanout=cell.scenario == "f",
         )
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stderr is not None

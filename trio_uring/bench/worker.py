@@ -37,6 +37,7 @@ def run_send(job: dict[str, Any]) -> None:
     sizes: list[int] = job["sizes"]
     duration: float = job["duration"]
     streams: int = job["streams"]
+    fanout: bool = job.get("fanout", False)
     if name in ("asyncio", "uvloop"):
 
         async def asyncio_main() -> None:
@@ -49,24 +50,37 @@ def run_send(job: dict[str, Any]) -> None:
     async def trio_main() -> None:
         if name == contenders.BASELINE:
             for size in sizes:
-                result = await contenders.trio_send(
-                    trio.open_tcp_stream, host, port, size, duration, streams, lambda: 0
-                )
+                if fanout:
+                    result = await contenders.trio_fanout(
+                        trio.open_tcp_stream, host, port, size, duration, streams, None
+                    )
+                else:
+                    result = await contenders.trio_send(
+                        trio.open_tcp_stream, host, port, size, duration, streams, lambda: 0
+                    )
                 _emit(size, result)
             return
         async with trio_uring.open_manager(
             strategy=contenders.strategy_of(name),
             arena_size=job["arena_size"],
             slice_size=job["slice_size"],
+            content_size=contenders.FANOUT_CONTENT_SIZE
+            if fanout
+            else trio_uring.DEFAULT_CONTENT_SIZE,
         ) as manager:
 
             def enter_calls() -> int:
                 return int(manager.stats()["io_uring_enter_calls"])  # type: ignore[call-overload]
 
             for size in sizes:
-                result = await contenders.trio_send(
-                    trio_uring.open_tcp_stream, host, port, size, duration, streams, enter_calls
-                )
+                if fanout:
+                    result = await contenders.trio_fanout(
+                        trio_uring.open_tcp_stream, host, port, size, duration, streams, manager
+                    )
+                else:
+                    result = await contenders.trio_send(
+                        trio_uring.open_tcp_stream, host, port, size, duration, streams, enter_calls
+                    )
                 _emit(size, result)
 
     trio.run(trio_main)
