@@ -149,7 +149,7 @@ async def main():
     except trio_uring.MemlockError as exc:
         print("MEMLOCK:", exc)
     # The documented fix works under the same limit: a smaller arena.
-    async with trio_uring.open_manager(arena_size=128 * 1024) as m:
+    async with trio_uring.open_manager(arena_size=128 * 1024, content_size=0) as m:
         a, b = trio.socket.socketpair()
         s1, s2 = trio_uring.ZeroCopyStream(a), trio_uring.ZeroCopyStream(b)
         await s1.send_all(b"small arena works")

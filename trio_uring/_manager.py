@@ -318,7 +318,8 @@ class IOManager:
                 f"registering the {arena.registered_size // 1024} KiB send arena failed "
                 f"({errno.errorcode.get(err, err)}): RLIMIT_MEMLOCK is {limit}. Raise the "
                 "limit (ulimit -l, LimitMEMLOCK= in a systemd unit, --ulimit memlock for "
-                "containers) or pass a smaller arena_size to trio_uring.open_manager()",
+                "containers) or pass a smaller arena_size (or content_size) to "
+                "trio_uring.open_manager()",
             )
         raise OSError(err, f"registering the send arena failed: {errno.errorcode.get(err, err)}")
 
