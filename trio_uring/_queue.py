@@ -87,19 +87,21 @@ class OutboundQueue:
         waiting for a slice; return the position reached."""
         total = len(data)
         size = self.slice_size
-        view, refs, unsent = self.view, self.refs, self.unsent
+        view = self.view
         tail, fill = self.tail, self.fill
         if tail >= 0 and fill + total - pos <= size:
-            # The common case, a small message: it fits at the tail.
+            # The common case, a small message that fits at the tail: the
+            # loop below with ``_append`` inlined (one call less per message).
             n = total - pos
             start = self.tail_offset + fill
             view[start : start + n] = data[pos:] if pos else data
+            unsent = self.unsent
             last = unsent[-1] if unsent else None
             if last is not None and last[2] == tail and last[0] + last[1] == start:
                 last[1] += n
             else:
                 unsent.append([start, n, tail])
-                refs[tail] += 1
+                self.refs[tail] += 1
             self.fill = fill + n
             self.nbytes += n
             return total
@@ -112,14 +114,7 @@ class OutboundQueue:
             n = min(size - fill, total - pos)
             start = self.tail_offset + fill
             view[start : start + n] = data[pos : pos + n]
-            last = unsent[-1] if unsent else None
-            if last is not None and last[2] == tail and last[0] + last[1] == start:
-                last[1] += n
-            else:
-                unsent.append([start, n, tail])
-                refs[tail] += 1
-            self.fill = fill + n
-            self.nbytes += n
+            self._append(start, n)
             pos += n
         return pos
 
@@ -148,14 +143,18 @@ class OutboundQueue:
         """Queue ``nbytes`` written into the view ``reserve`` returned."""
         self.refs[self.reserved] -= 1
         self.reserved = -1
-        start = self.tail_offset + self.fill
-        unsent = self.unsent
+        self._append(self.tail_offset + self.fill, nbytes)
+
+    def _append(self, start: int, nbytes: int) -> None:
+        """Queue ``nbytes`` just written at ``start``, the tail's fill point:
+        they extend the last segment when it ends there."""
+        unsent, tail = self.unsent, self.tail
         last = unsent[-1] if unsent else None
-        if last is not None and last[2] == self.tail and last[0] + last[1] == start:
+        if last is not None and last[2] == tail and last[0] + last[1] == start:
             last[1] += nbytes
         else:
-            unsent.append([start, nbytes, self.tail])
-            self.refs[self.tail] += 1
+            unsent.append([start, nbytes, tail])
+            self.refs[tail] += 1
         self.fill += nbytes
         self.nbytes += nbytes
 

@@ -16,7 +16,13 @@ import trio
 from . import _abi
 from ._buffers import ProvidedRing
 from ._content import RegisteredContent
-from ._manager import IOManager, ManagerClosedError, SendCounters, current_manager
+from ._manager import (
+    FLUSH_THRESHOLD,
+    IOManager,
+    ManagerClosedError,
+    SendCounters,
+    current_manager,
+)
 from ._prep import prep_recv
 from ._queue import OutboundQueue, Segment
 from ._send import STRATEGY_IMPLS, SendRequest, SendStrategy
@@ -33,9 +39,6 @@ DEFAULT_RECEIVE_SIZE = 65536
 COPIED_SWITCH_THRESHOLD = 32
 #: Where such a stream goes: plain nonblocking sends of the same queue.
 COPIED_FALLBACK_STRATEGY = "copy"
-#: Queued bytes past which a stream is flushed at once rather than at the
-#: end of the scheduler tick.
-FLUSH_THRESHOLD = 256 * 1024
 #: A stream may hold at most 1/STREAM_ARENA_SHARE of the arena's slices.
 STREAM_ARENA_SHARE = 4
 #: The most one receive asks the kernel for; ``receive_some`` may always
@@ -382,16 +385,21 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 await self._wait_for(lambda: queue.nbytes < limit)
                 self._raise_if_broken()
             queue.append_content(*content.segment())
-            if self.manager.ring is None:
-                try:
-                    await self._drain()
-                except BaseException as exc:
-                    if self._send_broken is None:
-                        self._send_broken = exc
-                    raise
-            else:
-                self._queued()
+            await self._queued_outside_send_all()
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _queued_outside_send_all(self) -> None:
+        """``reserve()`` or content queued bytes: without a ring nothing
+        flushes the queue at the tick, so send them here."""
+        if self.manager.ring is not None:
+            self._queued()
+            return
+        try:
+            await self._drain()
+        except BaseException as exc:
+            if self._send_broken is None:
+                self._send_broken = exc
+            raise
 
     def _queued(self) -> None:
         """Bytes were queued: flush now past the threshold, else at the tick."""
@@ -560,15 +568,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 self.queue.unreserve()
                 self.check_open()
             self.queue.commit(nbytes)
-            if self.manager.ring is None:
-                try:
-                    await self._drain()
-                except BaseException as exc:
-                    if self._send_broken is None:
-                        self._send_broken = exc
-                    raise
-            else:
-                self._queued()
+            await self._queued_outside_send_all()
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _release_reserved(self, view: memoryview) -> None:
@@ -644,7 +644,12 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     # -- receiving --------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Receive up to ``max_bytes`` bytes; ``b""`` at end of stream."""
+        """Receive up to ``max_bytes`` bytes; ``b""`` at end of stream.
+
+        Bytes already waiting are taken with a plain nonblocking ``recv()``;
+        otherwise an io_uring RECV waits for them (cancelled with
+        ``ASYNC_CANCEL`` if the call is), so a cancelled call loses no data.
+        """
         with self._receive_conflict:
             if max_bytes is None:
                 max_bytes = DEFAULT_RECEIVE_SIZE
@@ -659,7 +664,17 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     raise ValueError("max_bytes must be >= 1")
             self.check_open()
             size = min(max_bytes, MAX_RECEIVE_SIZE)
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
+                # Data already waiting is taken with one plain recv(): no
+                # request, no completion, no scheduler round trip.
+                try:
+                    data = self.stdlib_socket.recv(size)
+                except BlockingIOError:
+                    pass
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
                 if self.manager.ring is None:
                     return await self.socket.recv(size)
                 if len(self._recv_buffer) < size:
