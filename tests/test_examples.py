@@ -313,3 +313,28 @@ def test_bulk_send_small() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "received 16777216 bytes, sha256 matches" in done.stdout
+
+
+def test_http_static_under_wrk(tmp_path: Path) -> None:
+    """A real load generator, 20 keep-alive connections for two seconds:
+    every response complete and 200 (wrk counts short or broken ones)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        pytest.skip("wrk is not installed (scripts/test.sh installs it where it can)")
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "page.bin").write_bytes(os.urandom(16 * 1024))
+    with example("http_static.py", "0", "--root", str(root)) as (_server, port):
+        got = subprocess.run(
+            [wrk, "-t1", "-c20", "-d2s", f"http://127.0.0.1:{port}/page.bin"],
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT,
+        )
+    assert got.returncode == 0, got.stderr
+    out = got.stdout
+    requests = int(out.split(" requests in ")[0].split()[-1])
+    assert requests > 100, out
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    # Every byte of every body arrived: wrk reads by Content-Length.
+    assert "Transfer/sec" in out

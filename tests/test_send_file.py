@@ -564,3 +564,20 @@ def test_suite_passes_without_io_uring() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+async def test_send_file_copies_nothing_in_user_space(manager, path, tmp_path) -> None:
+    """Neither the splice path nor the READ_FIXED path copies a byte through
+    Python: ``stats().bytes_copied`` stays 0 (a header sent with send_all
+    counts, the file does not)."""
+    name, data = make_file(tmp_path, 300_000)
+    stream, peer = await stream_pair()
+    async with stream, peer, trio.open_nursery() as nursery:
+        got = bytearray()
+        nursery.start_soon(read_all, peer, got)
+        await stream.send_all(b"head")
+        await stream.send_file(name)
+        await stream.send_file(name, 1000, 5000)
+        await stream.send_eof()
+    assert bytes(got) == b"head" + data + data[1000:6000]
+    assert stream.stats().bytes_copied == (0 if manager.strategy == "socket" else 4)

@@ -73,18 +73,30 @@ class Guest:
             argv += ["--qemu-arg", arg]
         argv += ["--", *command]
         started = time.monotonic()
-        proc = subprocess.run(
-            argv,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout + 60,
-        )
+        for attempt in range(1 + BOOT_RETRIES):
+            proc = subprocess.run(
+                argv,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=timeout + 60,
+            )
+            # Under software emulation on a loaded host the guest kernel
+            # sometimes oopses while booting, before the command starts:
+            # that says nothing about the library, so boot once more.
+            if MARKER in proc.stdout or EARLY_FAILURE not in proc.stderr or attempt:
+                break
         return GuestRun(
             self.split, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started
         )
+
+
+#: run-in-vm's words for a guest that never got to run the command.
+EARLY_FAILURE = "without reporting the command's status"
+#: Extra boots after such an early failure.
+BOOT_RETRIES = 1
 
 
 @dataclasses.dataclass

@@ -94,7 +94,9 @@ async def test_notifications_report_zero_copy_and_bytes_arrive(strategy: str | N
             await stream.aclose()
         result = await sink_result(name)
         assert result == {"bytes": len(data), "sha256": sha(data), "end": "eof"}
-        assert stats.notifications == stats.sends > 32, stats
+        # One request per flush of the outbound queue (hundreds of KiB
+        # each): every one of them notified.
+        assert stats.notifications == stats.sends >= 16, stats
         assert stats.notifications_zerocopy > 0, stats
         if stats.strategy == BUNDLE:
             # One request per batch of slices: nearly every notification
