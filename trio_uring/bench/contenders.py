@@ -101,7 +101,8 @@ def strategy_of(name: str) -> str | None:
 # -- trio and trio_uring ------------------------------------------------------
 
 
-async def _read_ack_trio(stream: trio.abc.ReceiveStream) -> int:
+async def read_ack(stream: trio.abc.ReceiveStream) -> int:
+    """The sink's byte count, sent once it has seen the end of stream."""
     ack = b""
     while len(ack) < ACK_SIZE:
         data = await stream.receive_some(ACK_SIZE - len(ack))
@@ -140,7 +141,7 @@ async def trio_send(
             if clock() >= deadline:
                 break
         await stream.send_eof()
-        received[i] = await _read_ack_trio(stream)
+        received[i] = await read_ack(stream)
         messages[i] = n
 
     async with trio.open_nursery() as nursery:
@@ -218,7 +219,7 @@ async def trio_fanout(
     received = []
     for stream in conns:
         await stream.send_eof()
-        received.append(await _read_ack_trio(stream))
+        received.append(await read_ack(stream))
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0
     for stream in conns:

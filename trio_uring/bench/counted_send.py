@@ -26,7 +26,7 @@ import trio
 
 import trio_uring
 
-ACK_SIZE = 8
+from .contenders import read_ack
 
 
 async def _send_counted(stream: Any, size: int, count: int) -> int:
@@ -36,14 +36,9 @@ async def _send_counted(stream: Any, size: int, count: int) -> int:
     for _ in range(count):
         await send_all(payload)
     await stream.send_eof()
-    ack = b""
-    while len(ack) < ACK_SIZE:
-        data = await stream.receive_some(ACK_SIZE - len(ack))
-        if not data:
-            raise ConnectionError("the sink closed without sending its count")
-        ack += data
+    count = await read_ack(stream)
     await stream.aclose()
-    return int.from_bytes(ack, "little")
+    return count
 
 
 async def run(job: dict[str, Any]) -> list[dict[str, int]]:
