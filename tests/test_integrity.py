@@ -124,3 +124,56 @@ async def test_streams_over_an_sqpoll_ring() -> None:
     ) as manager:
         assert manager.ring is not None and manager.ring.sqpoll
         await many_streams(8, 100_000, [1, 4096, 70_000])
+
+
+@pytest.mark.parametrize("strategy", runnable_strategies())
+async def test_burst_of_one_byte_sends_then_aclose_delivers_every_byte(strategy: str) -> None:
+    """10,000 one-byte send_all calls, then aclose at once: the graceful
+    close sends everything still queued before the socket goes."""
+    async with trio_uring.open_manager(strategy=strategy):
+        stream, peer = await tcp_pair()
+        got = bytearray()
+
+        async def read() -> None:
+            async for chunk in peer:
+                got.extend(chunk)
+
+        expected = bytes(i % 251 for i in range(10_000))
+        async with peer, trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            for byte in expected:
+                await stream.send_all(bytes([byte]))
+            await stream.aclose()
+        assert bytes(got) == expected
+
+
+@pytest.mark.parametrize("strategy", runnable_strategies())
+async def test_random_sizes_up_to_4_mib_through_a_tiny_arena(strategy: str) -> None:
+    """Messages of 1 B to 4 MiB through an arena of four 4 KiB slices: every
+    message waits for slices many times, and every byte arrives in order."""
+    rng = random.Random(f"sizes-{strategy}")
+    sizes = [rng.choice((1, 7, 4095, 4096, 4097, 65_537, 1 << 20, 4 << 20)) for _ in range(12)]
+    async with trio_uring.open_manager(
+        strategy=strategy, slice_size=4096, arena_size=4 * 4096
+    ) as manager:
+        stream, peer = await tcp_pair()
+        digest_in = hashlib.sha256()
+        digest_out = hashlib.sha256()
+
+        async def read() -> None:
+            async for chunk in peer:
+                digest_in.update(chunk)
+
+        with trio.fail_after(120):
+            async with peer, trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                for i, size in enumerate(sizes):
+                    data = hashlib.sha256(i.to_bytes(4, "little")).digest() * (size // 32 + 1)
+                    data = data[:size]
+                    digest_out.update(data)
+                    await stream.send_all(data)
+                await stream.aclose()
+        assert digest_in.hexdigest() == digest_out.hexdigest()
+        with trio.fail_after(5):
+            while manager.arena.free_count != manager.arena.n_slices:
+                await trio.sleep(0.005)

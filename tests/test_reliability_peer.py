@@ -299,3 +299,21 @@ def test_rst_close_helper_sends_reset() -> None:
         a.recv(10)
     a.close()
     assert os.name == "posix"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_reset_of_queued_bytes_surfaces_from_the_next_call(strategy: str) -> None:
+    """send_all returns once bytes are queued; when the peer resets, the
+    kernel's error for them is raised by a later send_all within 5 s, as
+    BrokenResourceError with the OSError as its cause, never silently."""
+    async with trio_uring.open_manager(strategy=strategy):
+        client, server = stdlib_pair()
+        stream = trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(client))
+        await stream.send_all(b"hello")
+        rst_close(server)
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError) as info:
+            while True:
+                await stream.send_all(b"x" * 1000)
+                await trio.sleep(0.01)
+        _assert_broken_by_reset(info.value)
+        await stream.aclose()
