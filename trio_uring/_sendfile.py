@@ -381,12 +381,10 @@ async def _send_guarded(stream: ZeroCopyStream, fd: int, offset: int, count: int
             await _send_read(stream, fd, offset, count)
     except _SendingError as wrapped:
         exc = wrapped.exc
-        if stream._send_broken is None:
-            stream._send_broken = exc
+        stream.break_sending(exc)
         raise _stream_error(stream, exc, "sending") from exc
     except BaseException as exc:
-        if stream._send_broken is None:
-            stream._send_broken = exc
+        stream.break_sending(exc)
         raise
 
 

@@ -271,6 +271,12 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
             self._adaptive = False
 
+    def break_sending(self, exc: BaseException) -> None:
+        """A send failed or stopped part way: the peer may see a prefix, so
+        no later send may follow it.  The first cause is kept."""
+        if self._send_broken is None:
+            self._send_broken = exc
+
     def fail(self, exc: BaseException) -> None:
         """The kernel failed queued bytes: drop the rest, break the stream."""
         if self._send_broken is None:
@@ -397,8 +403,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         try:
             await self._drain()
         except BaseException as exc:
-            if self._send_broken is None:
-                self._send_broken = exc
+            self.break_sending(exc)
             raise
 
     def _queued(self) -> None:
@@ -467,8 +472,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         except BaseException as exc:
             # Part of the data is queued and will be sent: the peer would see
             # a prefix, so the stream cannot carry another message.
-            if pos and self._send_broken is None:
-                self._send_broken = exc
+            if pos:
+                self.break_sending(exc)
             raise
 
     async def _send_direct(self, view: memoryview) -> None:
@@ -486,11 +491,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 if sent == nbytes:
                     break
         except OSError as exc:
-            self._send_broken = exc
+            self.break_sending(exc)
             raise _stream_error(self, exc, "sending") from exc
         except BaseException as exc:
             if sent:
-                self._send_broken = exc
+                self.break_sending(exc)
             raise
         finally:
             if sent:
@@ -631,8 +636,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             try:
                 await self._drain()
             except trio.Cancelled as exc:
-                if self._send_broken is None:
-                    self._send_broken = exc
+                self.break_sending(exc)
                 raise
             self._eof_sent = True
             try:
