@@ -211,6 +211,13 @@ class RegisteredArena:
             return []
         return self._take(max_slices)
 
+    def take_one(self) -> int:
+        """One free slice now, or -1 if none is free or others queue first
+        (``acquire(1)`` without the list, for the queue's hot path)."""
+        if self._waiters or not self._free:
+            return -1
+        return self._free.pop()
+
     def _take(self, max_slices: int) -> list[int]:
         free = self._free
         n = min(max_slices, len(free))
@@ -233,6 +240,11 @@ class RegisteredArena:
     def release(self, slices: Iterable[int]) -> None:
         self._free.extend(slices)
         self._serve()
+
+    def release_one(self, slice_id: int) -> None:
+        self._free.append(slice_id)
+        if self._waiters:
+            self._serve()
 
     def _serve(self) -> None:
         while self._waiters and self._free:

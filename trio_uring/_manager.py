@@ -189,10 +189,10 @@ class _TickFlush(trio.abc.Instrument):
     """
 
     def __init__(self, manager: IOManager) -> None:
-        self.manager = manager
-
-    def before_io_wait(self, timeout: float) -> None:
-        self.manager.flush_tick(timeout)
+        # The manager's method itself, not a wrapper that calls it: trio
+        # looks the hook up with getattr on every tick, and one Python call
+        # less per tick is measurable.
+        self.before_io_wait = manager.flush_tick
 
 
 class ManagerClosedError(trio.ClosedResourceError):
@@ -541,6 +541,7 @@ class IOManager:
         about_to_sleep = timeout > 0
         self._flush_list = held = []
         self.woke_tasks = False
+        flushed = False
         for stream in pending:
             if (
                 not about_to_sleep
@@ -552,7 +553,8 @@ class IOManager:
                 continue
             stream.flush_pending = False
             stream.flush()
-        if self.ring is not None and self.ring.sq_pending:
+            flushed = True
+        if flushed and self.ring is not None and self.ring.sq_pending:
             try:
                 self.submit_prepared()
             except OSError as exc:

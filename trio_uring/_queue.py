@@ -82,7 +82,7 @@ class OutboundQueue:
 
     # -- writing ----------------------------------------------------------------
 
-    def write(self, data: memoryview, pos: int = 0) -> int:
+    def write(self, data: bytes | memoryview, pos: int = 0) -> int:
         """Copy ``data[pos:]`` into the queue as far as it fits without
         waiting for a slice; return the position reached."""
         total = len(data)
@@ -105,6 +105,7 @@ class OutboundQueue:
             self.fill = fill + n
             self.nbytes += n
             return total
+        data = memoryview(data)
         while pos < total:
             tail, fill = self.tail, self.fill
             if fill == size or tail < 0:
@@ -181,10 +182,14 @@ class OutboundQueue:
             self.unref(old)
         if self.held >= self.limit:
             return False
-        got = self.arena.acquire(1)
-        if not got:
+        got = self.arena.take_one()
+        if got < 0:
             return False
-        self.adopt(got[0])
+        self.refs[got] = 1
+        self.held += 1
+        self.tail = got
+        self.tail_offset = got * self.slice_size
+        self.fill = 0
         return True
 
     def adopt(self, slice_id: int) -> None:
@@ -298,7 +303,7 @@ class OutboundQueue:
         refs[slice_id] = count
         if not count:
             self.held -= 1
-            self.arena.release((slice_id,))
+            self.arena.release_one(slice_id)
             if self.on_free is not None:
                 self.on_free()
 

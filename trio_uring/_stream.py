@@ -346,11 +346,21 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         be a :class:`RegisteredContent` handle (``trio_uring.register``):
         its bytes are queued by reference, without a copy.
         """
-        with self._send_conflict:
-            if data.__class__ is RegisteredContent:
+        # The common case (bytes that fit at the queue's tail) runs inline:
+        # every call saved here is a measurable share of a small send_all.
+        conflict = self._send_conflict
+        if conflict.busy:
+            conflict.acquire()  # raises BusyResourceError
+        conflict.busy = True
+        try:
+            cls = data.__class__
+            if cls is bytes:
+                view: bytes | memoryview = data  # type: ignore[assignment]
+            elif cls is RegisteredContent:
                 await self._send_content(data)  # type: ignore[arg-type]
                 return
-            view = byte_view(data, "send_all()")
+            else:
+                view = byte_view(data, "send_all()")
             if (
                 self._closed
                 or self._eof_sent
@@ -359,18 +369,20 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             ):
                 self._check_can_send()
             await trio.lowlevel.checkpoint_if_cancelled()
-            nbytes = view.nbytes
+            nbytes = len(view)
             if nbytes >= self.strategy.direct_min:
-                await self._send_direct(view)
+                await self._send_direct(memoryview(view))
             elif nbytes:
                 queued = self.queue.write(view)
                 if queued < nbytes:
-                    await self._write_waiting(view, queued)
+                    await self._write_waiting(memoryview(view), queued)
                 counters = self.counters
                 counters.bytes_copied += nbytes
                 counters.parent.bytes_copied += nbytes  # type: ignore[union-attr]
                 self._queued()
             await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            conflict.busy = False
 
     async def _send_content(self, content: RegisteredContent) -> None:
         """Queue a reference to registered content, waiting while the queue

@@ -11,26 +11,29 @@ class ConflictDetector:
     The same check trio's own streams make: a stream is for one sender and
     one receiver at a time, and interleaving two tasks' data would corrupt
     it silently.
+
+    ``busy`` is a plain attribute so that a hot path may test and set it
+    inline (``acquire``/``busy = False``) instead of entering a ``with``.
     """
 
-    __slots__ = ("_held", "_msg")
+    __slots__ = ("_msg", "busy")
 
     def __init__(self, msg: str) -> None:
         self._msg = msg
-        self._held = False
+        #: True while a task is inside.
+        self.busy = False
 
-    @property
-    def busy(self) -> bool:
-        """True while a task is inside."""
-        return self._held
+    def acquire(self) -> None:
+        """Mark the side busy, or raise ``BusyResourceError`` if it is."""
+        if self.busy:
+            raise trio.BusyResourceError(self._msg)
+        self.busy = True
 
     def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(self._msg)
-        self._held = True
+        self.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        self._held = False
+        self.busy = False
 
 
 def byte_view(data: object, what: str) -> memoryview:
