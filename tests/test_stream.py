@@ -344,6 +344,49 @@ async def test_stream_leaves_zero_copy_when_the_kernel_keeps_copying() -> None:
         assert received == b"".join(expected)
 
 
+async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
+    """Once one stream left zero copy, the manager remembers its local
+    address: a stream opened on it later starts in copied mode, and one
+    already open switches at its next copied notification."""
+    from trio_uring._stream import COPIED_FALLBACK_STRATEGY, COPIED_SWITCH_THRESHOLD
+
+    if trio_uring.features().strategy in ("copy", "socket"):
+        pytest.skip("no zero-copy strategy runs on this kernel")
+
+    async def send_until_notified(stream: trio_uring.ZeroCopyStream, count: int) -> None:
+        for i in range(count):
+            await stream.send_all(bytes([i % 256]) * 4096)
+            await trio.sleep(0)
+        with trio.fail_after(10):
+            while stream.stats().notifications < count:
+                await trio.sleep(0.001)
+
+    async with trio_uring.open_manager(slice_size=4096, arena_size=64 * 4096) as manager:
+        first, first_peer = await zc_tcp_pair()
+        early, early_peer = await zc_tcp_pair()
+        async with first, first_peer, early, early_peer:
+            async with trio.open_nursery() as nursery:
+                for peer in (first_peer, early_peer):
+                    nursery.start_soon(drain_into, peer, bytearray())
+                await send_until_notified(early, 2)
+                assert early.stats().strategy != COPIED_FALLBACK_STRATEGY
+                assert manager.stats()["copying_addresses"] == []
+                await send_until_notified(first, COPIED_SWITCH_THRESHOLD)
+                assert first.stats().strategy == COPIED_FALLBACK_STRATEGY
+                assert manager.stats()["copying_addresses"] == ["127.0.0.1"]
+                # Far below the threshold, and it still switches.
+                await send_until_notified(early, 3)
+                assert early.stats().strategy == COPIED_FALLBACK_STRATEGY
+                late, late_peer = await zc_tcp_pair()
+                async with late, late_peer:
+                    assert late.stats().strategy == COPIED_FALLBACK_STRATEGY
+                    nursery.start_soon(drain_into, late_peer, bytearray())
+                    await late.send_all(b"late")
+                    await late.send_eof()
+                for stream in (first, early):
+                    await stream.send_eof()
+
+
 async def test_a_stalled_peer_cannot_starve_other_streams(manager) -> None:
     """Slices sent to a peer that stopped reading stay pinned; one such
     stream may hold only its share of the arena, so others keep going."""

@@ -224,6 +224,11 @@ class IOManager:
         self.strategy = strategy if strategy is not None else self.features.strategy
         #: True when the library chose the strategy and may adapt it per stream.
         self.adaptive = strategy is None
+        #: Local addresses whose streams the kernel kept copying (loopback,
+        #: veth, a NIC without scatter-gather): the egress device follows
+        #: the local address, so every stream on one of these sends without
+        #: zero copy from its start, instead of each paying the trial again.
+        self.copying_addresses: set[str] = set()
         # Refuse a strategy this kernel lacks before any ring or memory exists.
         self._check_strategy()
         self.arena = RegisteredArena(arena_size, slice_size, content_size=content_size)
@@ -664,7 +669,9 @@ class IOManager:
         ring.close()
 
     def stats(self) -> dict[str, object]:
-        """Ring-wide counters: strategy, sends, notifications, enter calls."""
+        """Ring-wide counters: strategy, sends, notifications, enter calls,
+        and the local addresses on which streams left zero copy because the
+        kernel copied anyway."""
         c = self.counters
         return {
             "strategy": self.strategy,
@@ -678,6 +685,7 @@ class IOManager:
             "in_flight": len(self.ring.table) if self.ring else 0,
             "arena_free_slices": self.arena.free_count,
             "arena_slices": self.arena.n_slices,
+            "copying_addresses": sorted(self.copying_addresses),
         }
 
 

@@ -164,7 +164,16 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         # With the strategy left to the library, a zero-copy stream whose
         # notifications keep saying "copied" switches to plain sends: the
         # kernel copies anyway, and zero copy only adds its own overhead.
+        # The manager remembers the local address of such a stream, and
+        # streams on that address skip the trial (see ``notified``).
         self._adaptive = self.manager.adaptive and self.strategy.zero_copy
+        self._local_address = ""
+        if self._adaptive:
+            with contextlib.suppress(OSError):
+                self._local_address = str(socket.getsockname()[0])
+            if self._local_address in self.manager.copying_addresses:
+                self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
+                self._adaptive = False
         arena = self.manager.arena
         # A stream holds at most a quarter of the arena: slices sent to a peer
         # that stopped reading stay pinned until it reads (or the connection
@@ -267,9 +276,16 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """A zero-copy notification of one of this stream's sends."""
         counters = self.counters
         counters.notified(copied)
-        if self._adaptive and counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD:
-            self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
-            self._adaptive = False
+        if not self._adaptive:
+            return
+        copying = self.manager.copying_addresses
+        if counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD:
+            if self._local_address:
+                copying.add(self._local_address)
+        elif not (copied and self._local_address in copying):
+            return
+        self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
+        self._adaptive = False
 
     def break_sending(self, exc: BaseException) -> None:
         """A send failed or stopped part way: the peer may see a prefix, so
