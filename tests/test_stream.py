@@ -378,11 +378,13 @@ async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
                 await send_until_notified(early, 3)
                 assert early.stats().strategy == COPIED_FALLBACK_STRATEGY
                 late, late_peer = await zc_tcp_pair()
-                async with late, late_peer:
+                received = bytearray()
+                async with late, late_peer, trio.open_nursery() as late_nursery:
                     assert late.stats().strategy == COPIED_FALLBACK_STRATEGY
-                    nursery.start_soon(drain_into, late_peer, bytearray())
+                    late_nursery.start_soon(drain_into, late_peer, received)
                     await late.send_all(b"late")
                     await late.send_eof()
+                assert received == b"late"
                 for stream in (first, early):
                     await stream.send_eof()
 
