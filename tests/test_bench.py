@@ -511,3 +511,8 @@ def test_scenario_f_tiny_run(tmp_path: Path) -> None:
     assert copies == {"trio": 0, "zc:auto": 1, "zc:copy": 1}
     for s in rep["samples"]:
         assert s["streams"] == 100 and s["raw"]["bytes_received"] == s["raw"]["bytes_sent"]
+        # Zero-copy sends report their notifications; trio and the copied path have none.
+        if s["contender"] == "zc:auto":
+            assert s["raw"]["notifications"] >= s["raw"]["messages"] > 0
+        else:
+            assert s["raw"]["notifications"] == 0

@@ -222,7 +222,12 @@ async def trio_fanout(
         received.append(await read_ack(stream))
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0
+    notifications = notifications_copied = 0
     for stream in conns:
+        if isinstance(stream, trio_uring.ZeroCopyStream):
+            st = stream.stats()
+            notifications += st.notifications
+            notifications_copied += st.notifications_copied
         await stream.aclose()
     return SendResult(
         messages=published,
@@ -232,6 +237,8 @@ async def trio_fanout(
         cpu=cpu,
         enter_calls=int(manager.stats()["io_uring_enter_calls"]) - enters0 if manager else 0,  # type: ignore[call-overload]
         bytes_copied=int(manager.stats()["bytes_copied"]) - copied0 if manager else 0,  # type: ignore[call-overload]
+        notifications=notifications,
+        notifications_copied=notifications_copied,
         rss_start_kib=rss0,
         rss_end_kib=rss_kib(),
     )
