@@ -344,6 +344,51 @@ async def test_stream_leaves_zero_copy_when_the_kernel_keeps_copying() -> None:
         assert received == b"".join(expected)
 
 
+async def test_a_plain_send_stream_sends_a_lone_message_at_once_and_queues_a_flow() -> None:
+    """Under ``copy`` a message of a stream that queued nothing in the last
+    two ticks (a response) goes out with one send() from send_all, copied
+    nowhere in user space; back-to-back messages are queued and coalesced."""
+    if not trio_uring.features().io_uring:
+        pytest.skip("the copy strategy needs io_uring")
+    async with trio_uring.open_manager(strategy="copy"):
+        left, right = await zc_tcp_pair()
+        received = bytearray()
+        async with left, right, trio.open_nursery() as nursery:
+            nursery.start_soon(drain_into, right, received)
+            await left.send_all(b"response")
+            stats = left.stats()
+            assert (stats.sends, stats.bytes_sent, stats.bytes_copied) == (1, 8, 0)
+            await trio.sleep(0.01)
+            flow = [bytes([i]) * 100 for i in range(200)]
+            for message in flow:
+                await left.send_all(message)
+            await left.send_eof()
+            stats = left.stats()
+            assert stats.bytes_sent == 8 + 200 * 100
+            # The first message of the flow went at once; the rest were
+            # copied into the queue and left in fewer, larger sends.
+            assert stats.bytes_copied == 199 * 100
+            assert stats.sends < 100
+        assert received == b"response" + b"".join(flow)
+
+
+async def test_a_message_sent_at_once_to_a_reset_peer_raises_broken() -> None:
+    if not trio_uring.features().io_uring:
+        pytest.skip("the copy strategy needs io_uring")
+    async with trio_uring.open_manager(strategy="copy"):
+        left, right = await zc_tcp_pair()
+        async with left:
+            linger = struct.pack("ii", 1, 0)  # on, 0 s: close sends a reset
+            right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, linger)
+            await trio.aclose_forcefully(right)
+            await trio.sleep(0.05)
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await left.send_all(b"to nobody")
+            assert isinstance(info.value.__cause__, OSError)
+            with pytest.raises(trio.BrokenResourceError):
+                await left.send_all(b"again")
+
+
 async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
     """Once one stream left zero copy, the manager remembers its local
     address: a stream opened on it later starts in copied mode, and one

@@ -89,12 +89,15 @@ class SendStrategy(Protocol):
     in flight; it prepares an SQE (``stream.begin`` records the request) or
     sends at once, and raises ``OSError`` for an error of the socket.
     ``direct_min`` is the payload size from which ``send_all`` skips the
-    queue and sends from the caller's buffer.
+    queue and sends from the caller's buffer.  ``sends_at_once``: a small
+    message of a stream that is not in a flow of messages goes out with a
+    plain ``send()`` inside ``send_all`` instead of waiting for the flush.
     """
 
     name: str
     zero_copy: bool
     direct_min: int
+    sends_at_once: bool
 
     def flush(self, stream: ZeroCopyStream) -> None:
         """Hand the front of ``stream``'s queue to the kernel."""
@@ -108,6 +111,7 @@ class VectoredFixed:
     name = "vectored-fixed"
     zero_copy = True
     direct_min = _NEVER
+    sends_at_once = False
 
     def flush(self, stream: ZeroCopyStream) -> None:
         segments = stream.queue.take(_abi.UIO_MAXIOV)
@@ -148,6 +152,7 @@ class FixedSingle:
     name = "fixed-single"
     zero_copy = True
     direct_min = _NEVER
+    sends_at_once = False
 
     def flush(self, stream: ZeroCopyStream) -> None:
         send_fixed_run(stream, SendRequest(stream, stream.queue.take_run()))
@@ -200,6 +205,7 @@ class FixedProvidedBundle:
     name = "fixed-provided-bundle"
     zero_copy = True
     direct_min = _NEVER
+    sends_at_once = False
 
     def flush(self, stream: ZeroCopyStream) -> None:
         queue, ring = stream.queue, stream.provided_ring
@@ -261,6 +267,7 @@ class Copy:
     name = "copy"
     zero_copy = False
     direct_min = DIRECT_SEND_MIN
+    sends_at_once = True
 
     def flush(self, stream: ZeroCopyStream) -> None:
         send_now(stream)
@@ -287,6 +294,7 @@ class SocketSend:
     name = "socket"
     zero_copy = False
     direct_min = 0
+    sends_at_once = True
 
     def flush(self, stream: ZeroCopyStream) -> None:
         send_now(stream)

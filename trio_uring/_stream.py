@@ -386,9 +386,17 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 self._check_can_send()
             await trio.lowlevel.checkpoint_if_cancelled()
             nbytes = len(view)
-            if nbytes >= self.strategy.direct_min:
+            strategy = self.strategy
+            if nbytes >= strategy.direct_min:
                 await self._send_direct(memoryview(view))
             elif nbytes:
+                if strategy.sends_at_once and self.manager.tick > self.last_tick + 1:
+                    sent = self._send_at_once(view)
+                    if sent == nbytes:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        return
+                    view = memoryview(view)[sent:]
+                    nbytes -= sent
                 queued = self.queue.write(view)
                 if queued < nbytes:
                     await self._write_waiting(memoryview(view), queued)
@@ -399,6 +407,29 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             conflict.busy = False
+
+    def _send_at_once(self, data: bytes | memoryview) -> int:
+        """Send a small message with one plain ``send()`` now; the bytes sent.
+
+        For a plain-send stream that queued nothing in this tick or the one
+        before (a response, not a flow of messages): holding it for the
+        tick's flush would cost the queue's bookkeeping and gain nothing.
+        The tick is recorded, so the next message of a flow is queued and
+        coalesced as usual.
+        """
+        self.last_tick = self.manager.tick
+        self.streak = 1
+        if self.queue.nbytes or self.in_flight is not None:
+            return 0  # bytes queued earlier go first
+        try:
+            sent = self.stdlib_socket.send(data, _MSG_NOSIGNAL)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self.break_sending(exc)
+            raise _stream_error(self, exc, "sending") from exc
+        self.counters.sent(sent)
+        return sent
 
     async def _send_content(self, content: RegisteredContent) -> None:
         """Queue a reference to registered content, waiting while the queue
@@ -682,9 +713,13 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         otherwise an io_uring RECV waits for them (cancelled with
         ``ASYNC_CANCEL`` if the call is), so a cancelled call loses no data.
         """
-        with self._receive_conflict:
+        conflict = self._receive_conflict
+        if conflict.busy:
+            conflict.acquire()  # raises BusyResourceError
+        conflict.busy = True
+        try:
             if max_bytes is None:
-                max_bytes = DEFAULT_RECEIVE_SIZE
+                size = DEFAULT_RECEIVE_SIZE
             else:
                 try:
                     max_bytes = int(max_bytes.__index__())
@@ -694,8 +729,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     ) from None
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
-            self.check_open()
-            size = min(max_bytes, MAX_RECEIVE_SIZE)
+                size = min(max_bytes, MAX_RECEIVE_SIZE)
+            if self._closed or self.stdlib_socket.fileno() != self.fd:
+                self.check_open()
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 # Data already waiting is taken with one plain recv(): no
@@ -717,6 +753,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 return ffi.buffer(self._recv_buffer, check_result(res))[:]
             except OSError as exc:
                 raise _stream_error(self, exc, "receiving") from exc
+        finally:
+            conflict.busy = False
 
     # -- lifetime ---------------------------------------------------------------
 
