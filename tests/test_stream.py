@@ -389,6 +389,29 @@ async def test_a_message_sent_at_once_to_a_reset_peer_raises_broken() -> None:
                 await left.send_all(b"again")
 
 
+async def test_cancelled_after_a_partial_send_at_once_the_stream_is_broken() -> None:
+    """The socket took part of a message at once and no slice was free for
+    the rest: the peer has a prefix, so a cancel must break the stream even
+    though nothing was queued."""
+    if not trio_uring.features().io_uring:
+        pytest.skip("the copy strategy needs io_uring")
+    async with trio_uring.open_manager(strategy="copy") as manager:
+        left, right = await zc_tcp_pair()
+        fix_buffers(left, right)
+        taken = manager.arena.acquire(manager.arena.n_slices)
+        try:
+            async with left, right:
+                message = b"m" * 60_000
+                with trio.move_on_after(0.2) as scope:
+                    await left.send_all(message)
+                assert scope.cancelled_caught
+                assert 0 < left.stats().bytes_sent < len(message)
+                with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+                    await left.send_all(b"next")
+        finally:
+            manager.arena.release(taken)
+
+
 async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
     """Once one stream left zero copy, the manager remembers its local
     address: a stream opened on it later starts in copied mode, and one

@@ -390,6 +390,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             if nbytes >= strategy.direct_min:
                 await self._send_direct(memoryview(view))
             elif nbytes:
+                sent = 0
                 if strategy.sends_at_once and self.manager.tick > self.last_tick + 1:
                     sent = self._send_at_once(view)
                     if sent == nbytes:
@@ -399,7 +400,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     nbytes -= sent
                 queued = self.queue.write(view)
                 if queued < nbytes:
-                    await self._write_waiting(memoryview(view), queued)
+                    await self._write_waiting(memoryview(view), queued, prefix_sent=sent > 0)
                 counters = self.counters
                 counters.bytes_copied += nbytes
                 counters.parent.bytes_copied += nbytes  # type: ignore[union-attr]
@@ -521,8 +522,13 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("the stream was closed while a send waited")
         self._raise_if_broken()
 
-    async def _write_waiting(self, view: memoryview, pos: int) -> None:
-        """Queue ``view[pos:]``, waiting for room as often as it takes."""
+    async def _write_waiting(
+        self, view: memoryview, pos: int, *, prefix_sent: bool = False
+    ) -> None:
+        """Queue ``view[pos:]``, waiting for room as often as it takes.
+
+        ``prefix_sent``: bytes of this message before ``view`` already left.
+        """
         try:
             while pos < view.nbytes:
                 await self._wait_for_room()
@@ -531,7 +537,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         except BaseException as exc:
             # Part of the data is queued and will be sent: the peer would see
             # a prefix, so the stream cannot carry another message.
-            if pos:
+            if pos or prefix_sent:
                 self.break_sending(exc)
             raise
 
@@ -663,7 +669,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         ``send_all``.
         """
         return await _send_file(self, file, offset, count)
-
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until ``send_all`` could queue at least one byte (a checkpoint).
