@@ -413,20 +413,28 @@ async def test_cancelled_after_a_partial_send_at_once_the_stream_is_broken() -> 
 
 
 async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
-    """Once one stream left zero copy, the manager remembers its local
-    address: a stream opened on it later starts in copied mode, and one
-    already open switches at its next copied notification."""
+    """Copied notifications count per local address, whichever stream they
+    come from: once COPIED_SWITCH_THRESHOLD in a row said "copied", a stream
+    opened on that address starts in copied mode, and one already open
+    switches at its next copied notification."""
     from trio_uring._stream import COPIED_FALLBACK_STRATEGY, COPIED_SWITCH_THRESHOLD
 
     if trio_uring.features().strategy in ("copy", "socket"):
         pytest.skip("no zero-copy strategy runs on this kernel")
 
-    async def send_until_notified(stream: trio_uring.ZeroCopyStream, count: int) -> None:
-        for i in range(count):
-            await stream.send_all(bytes([i % 256]) * 4096)
-            await trio.sleep(0)
+    async def send_notified(stream: trio_uring.ZeroCopyStream, count: int) -> None:
+        """Send until ``count`` more notifications came back, or the stream
+        left zero copy."""
+        target = stream.stats().notifications + count
+        i = 0
         with trio.fail_after(10):
-            while stream.stats().notifications < count:
+            while (
+                stream.stats().notifications < target
+                and stream.stats().strategy != COPIED_FALLBACK_STRATEGY
+            ):
+                if stream.stats().sends < target:
+                    await stream.send_all(bytes([i % 256]) * 4096)
+                    i += 1
                 await trio.sleep(0.001)
 
     async with trio_uring.open_manager(slice_size=4096, arena_size=64 * 4096) as manager:
@@ -436,15 +444,18 @@ async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
             async with trio.open_nursery() as nursery:
                 for peer in (first_peer, early_peer):
                     nursery.start_soon(drain_into, peer, bytearray())
-                await send_until_notified(early, 2)
+                await send_notified(early, 2)
                 assert early.stats().strategy != COPIED_FALLBACK_STRATEGY
                 assert manager.stats()["copying_addresses"] == []
-                await send_until_notified(first, COPIED_SWITCH_THRESHOLD)
+                await send_notified(first, COPIED_SWITCH_THRESHOLD)
+                # early's two count too: first switched two notifications sooner.
                 assert first.stats().strategy == COPIED_FALLBACK_STRATEGY
+                assert first.stats().notifications < COPIED_SWITCH_THRESHOLD
                 assert manager.stats()["copying_addresses"] == ["127.0.0.1"]
-                # Far below the threshold, and it still switches.
-                await send_until_notified(early, 3)
+                # Far below the threshold on its own, and it switches.
+                await send_notified(early, 1)
                 assert early.stats().strategy == COPIED_FALLBACK_STRATEGY
+                assert early.stats().notifications <= 4
                 late, late_peer = await zc_tcp_pair()
                 received = bytearray()
                 async with late, late_peer, trio.open_nursery() as late_nursery:
@@ -455,6 +466,24 @@ async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
                 assert received == b"late"
                 for stream in (first, early):
                     await stream.send_eof()
+
+
+def test_copying_addresses_count_copied_notifications_in_a_row_per_address() -> None:
+    from trio_uring._manager import CopyingAddresses
+
+    copying = CopyingAddresses(threshold=3)
+    assert not copying.note("10.0.0.1", True)
+    assert not copying.note("10.0.0.1", True)
+    assert not copying.note("10.0.0.1", False)  # a real zero-copy send resets
+    assert not copying.note("10.0.0.2", True)  # another address counts apart
+    assert not copying.note("10.0.0.1", True)
+    assert not copying.note("10.0.0.1", True)
+    assert "10.0.0.1" not in copying
+    assert copying.note("10.0.0.1", True)
+    assert "10.0.0.1" in copying and "10.0.0.2" not in copying
+    # Once copying, it stays so, whatever a late notification says.
+    assert copying.note("10.0.0.1", False)
+    assert copying.addresses == {"10.0.0.1"}
 
 
 async def test_a_stalled_peer_cannot_starve_other_streams(manager) -> None:

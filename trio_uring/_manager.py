@@ -44,6 +44,10 @@ DEFAULT_ENTRIES = 256
 #: 16 KiB: 256 slices in the default arena.  Measured with 100 streams of
 #: 4 KiB sends: 64 KiB slices (64 of them) made streams queue for slices,
 #: 31k msg/s; 16 KiB slices ran 51k msg/s.
+#: "Copied" zero-copy notifications in a row, on one local address, after
+#: which streams there stop using zero copy (when the library chose the
+#: strategy), as the kernel's MSG_ZEROCOPY documentation advises.
+COPIED_SWITCH_THRESHOLD = 32
 DEFAULT_SLICE_SIZE = 16 * 1024
 #: 4 MiB: half of the common 8 MiB RLIMIT_MEMLOCK, leaving room for others.
 DEFAULT_ARENA_SIZE = 4 * 1024 * 1024
@@ -180,6 +184,45 @@ def _nothing() -> None:
     """Queued with ``run_sync_soon`` only to wake trio's I/O wait."""
 
 
+class CopyingAddresses:
+    """The local addresses on which the kernel copies zero-copy sends
+    (loopback, veth, a NIC without scatter-gather), learnt from the
+    notifications of every stream there.
+
+    The egress device follows the local address, so once
+    ``threshold`` notifications in a row on an address said "copied",
+    whichever of its streams sent them, every stream on it may as well
+    send plainly: those opened later start so, and those open switch at
+    their next copied notification.  Counting per address rather than per
+    stream makes a hundred streams that each send a little leave zero copy
+    as soon as one stream that sends a lot.
+    """
+
+    def __init__(self, threshold: int = COPIED_SWITCH_THRESHOLD) -> None:
+        self.threshold = threshold
+        self.addresses: set[str] = set()
+        self._in_a_row: dict[str, int] = {}
+
+    def __contains__(self, address: object) -> bool:
+        return address in self.addresses
+
+    def note(self, address: str, copied: bool) -> bool:
+        """Count one notification of a stream on ``address``; True when the
+        address is copying (now or already)."""
+        if address in self.addresses:
+            return True
+        if not copied:
+            self._in_a_row[address] = 0
+            return False
+        count = self._in_a_row.get(address, 0) + 1
+        if count < self.threshold:
+            self._in_a_row[address] = count
+            return False
+        self._in_a_row.pop(address, None)
+        self.addresses.add(address)
+        return True
+
+
 class _TickFlush(trio.abc.Instrument):
     """Calls ``IOManager.flush_tick`` once per scheduler tick.
 
@@ -224,11 +267,8 @@ class IOManager:
         self.strategy = strategy if strategy is not None else self.features.strategy
         #: True when the library chose the strategy and may adapt it per stream.
         self.adaptive = strategy is None
-        #: Local addresses whose streams the kernel kept copying (loopback,
-        #: veth, a NIC without scatter-gather): the egress device follows
-        #: the local address, so every stream on one of these sends without
-        #: zero copy from its start, instead of each paying the trial again.
-        self.copying_addresses: set[str] = set()
+        #: Local addresses whose streams the kernel kept copying.
+        self.copying = CopyingAddresses()
         # Refuse a strategy this kernel lacks before any ring or memory exists.
         self._check_strategy()
         self.arena = RegisteredArena(arena_size, slice_size, content_size=content_size)
@@ -685,7 +725,7 @@ class IOManager:
             "in_flight": len(self.ring.table) if self.ring else 0,
             "arena_free_slices": self.arena.free_count,
             "arena_slices": self.arena.n_slices,
-            "copying_addresses": sorted(self.copying_addresses),
+            "copying_addresses": sorted(self.copying.addresses),
         }
 
 

@@ -17,6 +17,7 @@ from . import _abi
 from ._buffers import ProvidedRing
 from ._content import RegisteredContent
 from ._manager import (
+    COPIED_SWITCH_THRESHOLD,
     FLUSH_THRESHOLD,
     IOManager,
     ManagerClosedError,
@@ -33,11 +34,7 @@ from ._util import ConflictDetector, byte_view
 
 #: As trio's SocketStream: the receive size when ``max_bytes`` is omitted.
 DEFAULT_RECEIVE_SIZE = 65536
-#: Consecutive "copied" zero-copy notifications after which a stream whose
-#: strategy the library chose stops using zero copy, as the kernel's
-#: MSG_ZEROCOPY documentation advises.
-COPIED_SWITCH_THRESHOLD = 32
-#: Where such a stream goes: plain nonblocking sends of the same queue.
+#: Where a stream that left zero copy goes: plain nonblocking sends of the same queue.
 COPIED_FALLBACK_STRATEGY = "copy"
 #: A stream may hold at most 1/STREAM_ARENA_SHARE of the arena's slices.
 STREAM_ARENA_SHARE = 4
@@ -171,7 +168,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         if self._adaptive:
             with contextlib.suppress(OSError):
                 self._local_address = str(socket.getsockname()[0])
-            if self._local_address in self.manager.copying_addresses:
+            if self._local_address in self.manager.copying:
                 self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
                 self._adaptive = False
         arena = self.manager.arena
@@ -278,14 +275,13 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         counters.notified(copied)
         if not self._adaptive:
             return
-        copying = self.manager.copying_addresses
-        if counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD:
-            if self._local_address:
-                copying.add(self._local_address)
-        elif not (copied and self._local_address in copying):
-            return
-        self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
-        self._adaptive = False
+        if self._local_address:
+            switch = self.manager.copying.note(self._local_address, copied)
+        else:
+            switch = counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD
+        if switch:
+            self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
+            self._adaptive = False
 
     def break_sending(self, exc: BaseException) -> None:
         """A send failed or stopped part way: the peer may see a prefix, so

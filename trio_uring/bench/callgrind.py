@@ -46,8 +46,9 @@ from .sink import sink_process
 SCHEMA = "trio_uring.bench.callgrind/1"
 REPORT_NAME = "callgrind.json"
 #: (size, N1, N2): N1 covers a stream's warm-up (zc:auto leaves zero copy
-#: after 32 "copied" notifications), N2 - N1 calls are what is measured.
-DEFAULT_COUNTS = ((4 * KIB, 500, 2500), (MIB, 40, 120))
+#: after 32 "copied" notifications; coalesced, one request carries up to
+#: 64 messages of 4 KiB), N2 - N1 calls are what is measured.
+DEFAULT_COUNTS = ((4 * KIB, 3000, 6000), (MIB, 40, 120))
 BASELINE = contenders.BASELINE
 
 
