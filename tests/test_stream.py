@@ -412,12 +412,24 @@ async def test_cancelled_after_a_partial_send_at_once_the_stream_is_broken() -> 
             manager.arena.release(taken)
 
 
+async def test_send_all_after_the_manager_shut_down_says_so() -> None:
+    """A stream used after its open_manager() block ended gets a clear
+    error, never bytes queued that nothing will flush."""
+    async with trio_uring.open_manager():
+        left, right = await zc_tcp_pair()
+    with pytest.raises(trio_uring.ManagerClosedError, match="open_manager"):
+        await left.send_all(b"too late")
+    await trio.aclose_forcefully(left)
+    await trio.aclose_forcefully(right)
+
+
 async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
-    """Copied notifications count per local address, whichever stream they
-    come from: once COPIED_SWITCH_THRESHOLD in a row said "copied", a stream
-    opened on that address starts in copied mode, and one already open
-    switches at its next copied notification."""
-    from trio_uring._stream import COPIED_FALLBACK_STRATEGY, COPIED_SWITCH_THRESHOLD
+    """Copied notifications count per route (local, peer address), whichever
+    stream they come from: once COPIED_SWITCH_THRESHOLD in a row said
+    "copied", a stream opened on that route starts in copied mode, and one
+    already open switches at its next notification."""
+    from trio_uring._manager import COPIED_SWITCH_THRESHOLD
+    from trio_uring._stream import COPIED_FALLBACK_STRATEGY
 
     if trio_uring.features().strategy in ("copy", "socket"):
         pytest.skip("no zero-copy strategy runs on this kernel")
@@ -446,12 +458,12 @@ async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
                     nursery.start_soon(drain_into, peer, bytearray())
                 await send_notified(early, 2)
                 assert early.stats().strategy != COPIED_FALLBACK_STRATEGY
-                assert manager.stats()["copying_addresses"] == []
+                assert manager.stats()["copying_routes"] == []
                 await send_notified(first, COPIED_SWITCH_THRESHOLD)
                 # early's two count too: first switched two notifications sooner.
                 assert first.stats().strategy == COPIED_FALLBACK_STRATEGY
                 assert first.stats().notifications < COPIED_SWITCH_THRESHOLD
-                assert manager.stats()["copying_addresses"] == ["127.0.0.1"]
+                assert manager.stats()["copying_routes"] == [("127.0.0.1", "127.0.0.1")]
                 # Far below the threshold on its own, and it switches.
                 await send_notified(early, 1)
                 assert early.stats().strategy == COPIED_FALLBACK_STRATEGY
@@ -468,22 +480,24 @@ async def test_streams_on_a_copying_address_skip_the_zero_copy_trial() -> None:
                     await stream.send_eof()
 
 
-def test_copying_addresses_count_copied_notifications_in_a_row_per_address() -> None:
-    from trio_uring._manager import CopyingAddresses
+def test_copying_routes_count_copied_notifications_in_a_row_per_route() -> None:
+    from trio_uring._manager import CopyingRoutes
 
-    copying = CopyingAddresses(threshold=3)
-    assert not copying.note("10.0.0.1", True)
-    assert not copying.note("10.0.0.1", True)
-    assert not copying.note("10.0.0.1", False)  # a real zero-copy send resets
-    assert not copying.note("10.0.0.2", True)  # another address counts apart
-    assert not copying.note("10.0.0.1", True)
-    assert not copying.note("10.0.0.1", True)
-    assert "10.0.0.1" not in copying
-    assert copying.note("10.0.0.1", True)
-    assert "10.0.0.1" in copying and "10.0.0.2" not in copying
+    nic = ("10.0.0.1", "10.0.0.9")
+    local = ("10.0.0.1", "10.0.0.1")  # a local client of the NIC address
+    copying = CopyingRoutes(threshold=3)
+    assert not copying.note(local, True)
+    assert not copying.note(local, True)
+    assert not copying.note(local, False)  # a real zero-copy send resets
+    assert not copying.note(nic, True)  # another route counts apart
+    assert not copying.note(local, True)
+    assert not copying.note(local, True)
+    assert local not in copying
+    assert copying.note(local, True)
+    assert local in copying and nic not in copying
     # Once copying, it stays so, whatever a late notification says.
-    assert copying.note("10.0.0.1", False)
-    assert copying.addresses == {"10.0.0.1"}
+    assert copying.note(local, False)
+    assert copying.routes == {local}
 
 
 async def test_a_stalled_peer_cannot_starve_other_streams(manager) -> None:

@@ -44,13 +44,14 @@ DEFAULT_ENTRIES = 256
 #: 16 KiB: 256 slices in the default arena.  Measured with 100 streams of
 #: 4 KiB sends: 64 KiB slices (64 of them) made streams queue for slices,
 #: 31k msg/s; 16 KiB slices ran 51k msg/s.
-#: "Copied" zero-copy notifications in a row, on one local address, after
-#: which streams there stop using zero copy (when the library chose the
-#: strategy), as the kernel's MSG_ZEROCOPY documentation advises.
-COPIED_SWITCH_THRESHOLD = 32
 DEFAULT_SLICE_SIZE = 16 * 1024
 #: 4 MiB: half of the common 8 MiB RLIMIT_MEMLOCK, leaving room for others.
 DEFAULT_ARENA_SIZE = 4 * 1024 * 1024
+#: "Copied" zero-copy notifications in a row, between one local and one
+#: peer address, after which streams between them stop using zero copy
+#: (when the library chose the strategy), as the kernel's MSG_ZEROCOPY
+#: documentation advises.
+COPIED_SWITCH_THRESHOLD = 32
 #: 2 MiB for registered content (``register``), after the slices in the same
 #: registered buffer: with the default arena, 6 MiB of the common 8 MiB
 #: RLIMIT_MEMLOCK.
@@ -184,42 +185,44 @@ def _nothing() -> None:
     """Queued with ``run_sync_soon`` only to wake trio's I/O wait."""
 
 
-class CopyingAddresses:
-    """The local addresses on which the kernel copies zero-copy sends
-    (loopback, veth, a NIC without scatter-gather), learnt from the
-    notifications of every stream there.
+class CopyingRoutes:
+    """The routes (local address, peer address) on which the kernel copies
+    zero-copy sends (loopback, veth, a NIC without scatter-gather), learnt
+    from the notifications of every stream on them.
 
-    The egress device follows the local address, so once
-    ``threshold`` notifications in a row on an address said "copied",
+    The two addresses decide the route and so the egress device: once
+    ``threshold`` notifications in a row on a route said "copied",
     whichever of its streams sent them, every stream on it may as well
     send plainly: those opened later start so, and those open switch at
-    their next copied notification.  Counting per address rather than per
-    stream makes a hundred streams that each send a little leave zero copy
-    as soon as one stream that sends a lot.
+    their next notification.  Counting per route rather than per stream
+    makes a hundred streams that each send a little leave zero copy as
+    soon as one stream that sends a lot; counting per local address alone
+    would let a local client of a NIC address (which goes over loopback)
+    take zero copy away from every remote peer of that address.
     """
 
     def __init__(self, threshold: int = COPIED_SWITCH_THRESHOLD) -> None:
         self.threshold = threshold
-        self.addresses: set[str] = set()
-        self._in_a_row: dict[str, int] = {}
+        self.routes: set[tuple[str, str]] = set()
+        self._in_a_row: dict[tuple[str, str], int] = {}
 
-    def __contains__(self, address: object) -> bool:
-        return address in self.addresses
+    def __contains__(self, route: object) -> bool:
+        return route in self.routes
 
-    def note(self, address: str, copied: bool) -> bool:
-        """Count one notification of a stream on ``address``; True when the
-        address is copying (now or already)."""
-        if address in self.addresses:
+    def note(self, route: tuple[str, str], copied: bool) -> bool:
+        """Count one notification of a stream on ``route``; True when the
+        route is copying (now or already)."""
+        if route in self.routes:
             return True
         if not copied:
-            self._in_a_row[address] = 0
+            self._in_a_row[route] = 0
             return False
-        count = self._in_a_row.get(address, 0) + 1
+        count = self._in_a_row.get(route, 0) + 1
         if count < self.threshold:
-            self._in_a_row[address] = count
+            self._in_a_row[route] = count
             return False
-        self._in_a_row.pop(address, None)
-        self.addresses.add(address)
+        self._in_a_row.pop(route, None)
+        self.routes.add(route)
         return True
 
 
@@ -267,8 +270,8 @@ class IOManager:
         self.strategy = strategy if strategy is not None else self.features.strategy
         #: True when the library chose the strategy and may adapt it per stream.
         self.adaptive = strategy is None
-        #: Local addresses whose streams the kernel kept copying.
-        self.copying = CopyingAddresses()
+        #: Routes whose streams the kernel kept copying.
+        self.copying = CopyingRoutes()
         # Refuse a strategy this kernel lacks before any ring or memory exists.
         self._check_strategy()
         self.arena = RegisteredArena(arena_size, slice_size, content_size=content_size)
@@ -667,7 +670,9 @@ class IOManager:
         if self.closed:
             return
         if self._instrument is not None:
-            trio.lowlevel.remove_instrument(self._instrument)
+            # trio removes an instrument whose hook raised; it may be gone.
+            with contextlib.suppress(KeyError):
+                trio.lowlevel.remove_instrument(self._instrument)
             self._instrument = None
         ring = self.ring
         if ring is None:
@@ -710,8 +715,8 @@ class IOManager:
 
     def stats(self) -> dict[str, object]:
         """Ring-wide counters: strategy, sends, notifications, enter calls,
-        and the local addresses on which streams left zero copy because the
-        kernel copied anyway."""
+        and the routes (local address, peer address) on which streams left
+        zero copy because the kernel copied anyway."""
         c = self.counters
         return {
             "strategy": self.strategy,
@@ -725,7 +730,7 @@ class IOManager:
             "in_flight": len(self.ring.table) if self.ring else 0,
             "arena_free_slices": self.arena.free_count,
             "arena_slices": self.arena.n_slices,
-            "copying_addresses": sorted(self.copying.addresses),
+            "copying_routes": sorted(self.copying.routes),
         }
 
 

@@ -161,14 +161,14 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         # With the strategy left to the library, a zero-copy stream whose
         # notifications keep saying "copied" switches to plain sends: the
         # kernel copies anyway, and zero copy only adds its own overhead.
-        # The manager remembers the local address of such a stream, and
-        # streams on that address skip the trial (see ``notified``).
+        # The manager counts those notifications per route, and streams on
+        # a route known to copy skip the trial (see ``notified``).
         self._adaptive = self.manager.adaptive and self.strategy.zero_copy
-        self._local_address = ""
+        self._route: tuple[str, str] | None = None
         if self._adaptive:
             with contextlib.suppress(OSError):
-                self._local_address = str(socket.getsockname()[0])
-            if self._local_address in self.manager.copying:
+                self._route = (str(socket.getsockname()[0]), str(socket.getpeername()[0]))
+            if self._route in self.manager.copying:
                 self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
                 self._adaptive = False
         arena = self.manager.arena
@@ -275,8 +275,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         counters.notified(copied)
         if not self._adaptive:
             return
-        if self._local_address:
-            switch = self.manager.copying.note(self._local_address, copied)
+        if self._route is not None:
+            switch = self.manager.copying.note(self._route, copied)
         else:
             switch = counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD
         if switch:
@@ -349,6 +349,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         if self._eof_sent:
             raise trio.ClosedResourceError("can't send data after sending EOF")
         self._raise_if_broken()
+        if self.manager.closed:
+            raise ManagerClosedError(
+                "the trio_uring I/O manager this stream was opened under has shut down; "
+                "use the stream inside the open_manager() block that created it"
+            )
 
     async def send_all(self, data: bytes | bytearray | memoryview | RegisteredContent) -> None:
         """Queue all of ``data`` for sending; return once it is queued.
@@ -377,6 +382,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 self._closed
                 or self._eof_sent
                 or self._send_broken is not None
+                or self.manager.closed
                 or self.stdlib_socket.fileno() != self.fd
             ):
                 self._check_can_send()
@@ -411,8 +417,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         For a plain-send stream that queued nothing in this tick or the one
         before (a response, not a flow of messages): holding it for the
         tick's flush would cost the queue's bookkeeping and gain nothing.
-        The tick is recorded, so the next message of a flow is queued and
-        coalesced as usual.
+        The tick is recorded whether or not the message could go now, so
+        the next message of a flow is queued and coalesced as usual.
         """
         self.last_tick = self.manager.tick
         self.streak = 1
