@@ -185,11 +185,7 @@ class OutboundQueue:
         got = self.arena.take_one()
         if got < 0:
             return False
-        self.refs[got] = 1
-        self.held += 1
-        self.tail = got
-        self.tail_offset = got * self.slice_size
-        self.fill = 0
+        self.adopt(got)
         return True
 
     def adopt(self, slice_id: int) -> None:
