@@ -348,22 +348,12 @@ def test_callgrind_counts_instructions_per_send_all(tmp_path: Path) -> None:
     assert "zc:auto" in proc.stdout and "instructions per send_all" in proc.stdout
 
 
-def test_quick_smoke_run(tmp_path: Path) -> None:
-    """The whole pipeline end to end: every cell ran, every byte arrived."""
-    out = tmp_path / "results"
+def run_bench(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``python -m trio_uring.bench --quick --reps 1 *args --out out``; the
+    process and its report, which must have passed validation."""
+    command = [sys.executable, "-m", "trio_uring.bench", "--quick", "--reps", "1"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trio_uring.bench",
-            "--quick",
-            "--scenarios",
-            "smoke",
-            "--reps",
-            "1",
-            "--out",
-            str(out),
-        ],
+        [*command, *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -371,6 +361,13 @@ def test_quick_smoke_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads((out / cli.REPORT_NAME).read_text())
     assert report.validate(rep) == []
+    return proc, rep
+
+
+def test_quick_smoke_run(tmp_path: Path) -> None:
+    """The whole pipeline end to end: every cell ran, every byte arrived."""
+    out = tmp_path / "results"
+    proc, rep = run_bench(out, "--scenarios", "smoke")
     assert rep["complete"] and rep["all_bytes_arrived"]
     assert rep["expected_samples"] == len(rep["samples"]) > 0
     assert "trio" in rep["contenders"] and any(n.startswith("zc:") for n in rep["contenders"])
@@ -445,28 +442,7 @@ def test_scenario_e_tiny_run(tmp_path: Path) -> None:
     """Every server of scenario e answers wrk with whole responses."""
     if static.find_wrk() is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
-    out = tmp_path / "results"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trio_uring.bench",
-            "--quick",
-            "--scenarios",
-            "e",
-            "--reps",
-            "1",
-            "--no-chart",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rep = json.loads((out / cli.REPORT_NAME).read_text())
-    assert report.validate(rep) == []
+    proc, rep = run_bench(tmp_path / "results", "--scenarios", "e", "--no-chart")
     assert rep["complete"], [s["error"] for s in rep["samples"] if not s["ok"]]
     ran = {s["contender"] for s in rep["samples"]}
     assert {"trio", "zc:auto", "asyncio"} <= ran
@@ -482,30 +458,9 @@ def test_scenario_e_tiny_run(tmp_path: Path) -> None:
 def test_scenario_f_tiny_run(tmp_path: Path) -> None:
     """Fan-out: every subscriber gets every message; trio_uring copies each
     message once in all, trio never in user space."""
-    out = tmp_path / "results"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trio_uring.bench",
-            "--quick",
-            "--scenarios",
-            "f",
-            "--reps",
-            "1",
-            "--contenders",
-            "zc:auto,zc:copy",
-            "--no-chart",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
+    _, rep = run_bench(
+        tmp_path / "results", "--scenarios", "f", "--contenders", "zc:auto,zc:copy", "--no-chart"
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rep = json.loads((out / cli.REPORT_NAME).read_text())
-    assert report.validate(rep) == []
     assert rep["complete"], [s["error"] for s in rep["samples"] if not s["ok"]]
     copies = {s["contender"]: s["metrics"]["copies_per_message"] for s in rep["samples"]}
     assert copies == {"trio": 0, "zc:auto": 1, "zc:copy": 1}
