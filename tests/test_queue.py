@@ -261,3 +261,42 @@ def test_request_releases_at_result_only_without_a_notification_to_come(flags: i
     done = request.complete(100, flags)
     assert done == (not flags)
     assert stream.queue.held == (1 if flags else 0)
+
+
+def test_write_takes_any_contiguous_buffer_and_a_start_position() -> None:
+    queue = make_queue(limit=4)
+    assert queue.write(b"abcdef", 2) == 6
+    assert queue.write(bytearray(b"gh")) == 2
+    assert queue.write(memoryview(b"-ijk")[1:]) == 3
+    assert queued_bytes(queue) == b"cdefghijk" and queue.nbytes == 9
+    with pytest.raises(BufferError):
+        queue.write(memoryview(b"abcdef")[::2])
+    with pytest.raises(ValueError, match="position"):
+        queue.write(b"abc", 4)
+    with pytest.raises(TypeError):
+        queue.write("text")  # type: ignore[arg-type]
+    assert queue.nbytes == 9
+
+
+def test_write_crosses_slices_through_new_tail() -> None:
+    queue = make_queue(n_slices=4, slice_size=64, limit=4)
+    data = bytes(range(256))
+    assert queue.write(data) == 256
+    assert queue.held == 4 and queued_bytes(queue) == data
+    # One segment per slice, each counted once by its segment (and the
+    # last once more as the tail).
+    assert [n for _, n, _ in queue.unsent] == [64] * 4
+    assert sorted(queue.refs) == [1, 1, 1, 2]
+
+
+def test_an_error_choosing_the_next_slice_propagates_from_write() -> None:
+    class Failing(OutboundQueue):
+        __slots__ = ()
+
+        def _new_tail(self) -> bool:
+            raise RuntimeError("no slice for you")
+
+    queue = Failing(RegisteredArena(4 * 64, 64), 4)
+    with pytest.raises(RuntimeError, match="no slice for you"):
+        queue.write(b"x")
+    assert queue.nbytes == 0 and not queue.unsent

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._buffers import RegisteredArena
+from ._queuecore import QueueCore
 
 #: A queued run of bytes: ``[arena offset, length, owner]`` (mutable, so
 #: appending to the tail extends the last segment in place).  The owner is
@@ -36,7 +37,7 @@ from ._buffers import RegisteredArena
 Segment = list[Any]
 
 
-class OutboundQueue:
+class OutboundQueue(QueueCore):
     """Queued bytes of one stream, in at most ``limit`` slices of ``arena``.
 
     ``on_free`` is called whenever this queue may have gained room: a slice
@@ -44,80 +45,28 @@ class OutboundQueue:
     tail may then be rewound).
     """
 
-    __slots__ = (
-        "arena",
-        "fill",
-        "held",
-        "limit",
-        "nbytes",
-        "on_free",
-        "refs",
-        "reserved",
-        "slice_size",
-        "tail",
-        "tail_offset",
-        "unsent",
-        "view",
-    )
+    __slots__ = ("arena", "held", "limit", "on_free", "reserved", "view")
 
     def __init__(
         self, arena: RegisteredArena, limit: int, on_free: Callable[[], None] | None = None
     ) -> None:
+        super().__init__(arena.view, arena.slice_size, arena.refs, deque())
         self.arena = arena
-        self.refs = arena.refs
         self.view = arena.view
-        self.slice_size = arena.slice_size
         self.limit = limit
         self.on_free = on_free
         #: Slices this queue holds (tail, queued, or read by a request in flight).
         self.held = 0
-        self.unsent: deque[Segment] = deque()
-        #: Bytes queued and not yet taken by a request.
-        self.nbytes = 0
-        self.tail = -1
-        self.tail_offset = 0
-        self.fill = 0
         #: The slice ``reserve`` counted once more, until commit or unreserve.
         self.reserved = -1
 
     # -- writing ----------------------------------------------------------------
-
-    def write(self, data: bytes | memoryview, pos: int = 0) -> int:
-        """Copy ``data[pos:]`` into the queue as far as it fits without
-        waiting for a slice; return the position reached."""
-        total = len(data)
-        size = self.slice_size
-        view = self.view
-        tail, fill = self.tail, self.fill
-        if tail >= 0 and fill + total - pos <= size:
-            # The common case, a small message that fits at the tail: the
-            # loop below with ``_append`` inlined (one call less per message).
-            n = total - pos
-            start = self.tail_offset + fill
-            view[start : start + n] = data[pos:] if pos else data
-            unsent = self.unsent
-            last = unsent[-1] if unsent else None
-            if last is not None and last[2] == tail and last[0] + last[1] == start:
-                last[1] += n
-            else:
-                unsent.append([start, n, tail])
-                self.refs[tail] += 1
-            self.fill = fill + n
-            self.nbytes += n
-            return total
-        data = memoryview(data)
-        while pos < total:
-            tail, fill = self.tail, self.fill
-            if fill == size or tail < 0:
-                if not self._new_tail():
-                    break
-                tail, fill = self.tail, 0
-            n = min(size - fill, total - pos)
-            start = self.tail_offset + fill
-            view[start : start + n] = data[pos : pos + n]
-            self._append(start, n)
-            pos += n
-        return pos
+    # ``write(data, pos=0)`` (copy ``data[pos:]`` into the queue as far as it
+    # fits without waiting for a slice; return the position reached) and
+    # ``_append(start, nbytes)`` (queue ``nbytes`` just written at the tail's
+    # fill point, extending the last segment when it ends there) are
+    # ``QueueCore``'s, in C: they run for every queued message.  When the
+    # tail is full, ``write`` asks ``_new_tail`` below for the next slice.
 
     def reserve(self, nbytes: int) -> memoryview | None:
         """A writable view of ``nbytes`` free bytes at the tail (``nbytes`` at
@@ -145,19 +94,6 @@ class OutboundQueue:
         self.refs[self.reserved] -= 1
         self.reserved = -1
         self._append(self.tail_offset + self.fill, nbytes)
-
-    def _append(self, start: int, nbytes: int) -> None:
-        """Queue ``nbytes`` just written at ``start``, the tail's fill point:
-        they extend the last segment when it ends there."""
-        unsent, tail = self.unsent, self.tail
-        last = unsent[-1] if unsent else None
-        if last is not None and last[2] == tail and last[0] + last[1] == start:
-            last[1] += nbytes
-        else:
-            unsent.append([start, nbytes, tail])
-            self.refs[tail] += 1
-        self.fill += nbytes
-        self.nbytes += nbytes
 
     def retire_tail(self) -> None:
         """Give up the tail slice for good (something outside the library may
