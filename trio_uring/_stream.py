@@ -45,6 +45,9 @@ MAX_RECEIVE_SIZE = 4 * 1024 * 1024
 _ZERO_COPY_FAMILIES = (_stdlib_socket.AF_INET, _stdlib_socket.AF_INET6)
 _STREAM_FAMILIES = (*_ZERO_COPY_FAMILIES, _stdlib_socket.AF_UNIX)
 _MSG_NOSIGNAL = _stdlib_socket.MSG_NOSIGNAL
+# Bound once: send_all and receive_some call them on every message.
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,7 +389,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 or self.stdlib_socket.fileno() != self.fd
             ):
                 self._check_can_send()
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _checkpoint_if_cancelled()
             nbytes = len(view)
             strategy = self.strategy
             if nbytes >= strategy.direct_min:
@@ -396,7 +399,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 if strategy.sends_at_once and self.manager.tick > self.last_tick + 1:
                     sent = self._send_at_once(view)
                     if sent == nbytes:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        await _cancel_shielded_checkpoint()
                         return
                     view = memoryview(view)[sent:]
                     nbytes -= sent
@@ -407,7 +410,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 counters.bytes_copied += nbytes
                 counters.parent.bytes_copied += nbytes  # type: ignore[union-attr]
                 self._queued()
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await _cancel_shielded_checkpoint()
         finally:
             conflict.busy = False
 
@@ -444,7 +447,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             )
         content.segment()
         self._check_can_send()
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await _checkpoint_if_cancelled()
         queue = self.queue
         if len(content):
             limit = queue.limit * queue.slice_size
@@ -454,7 +457,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 self._raise_if_broken()
             queue.append_content(*content.segment())
             await self._queued_outside_send_all()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await _cancel_shielded_checkpoint()
 
     async def _queued_outside_send_all(self) -> None:
         """``reserve()`` or content queued bytes: without a ring nothing
@@ -623,7 +626,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     "send larger data in pieces, or open_manager(slice_size=...) larger"
                 )
             self._check_can_send()
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _checkpoint_if_cancelled()
             view = self.queue.reserve(nbytes)
             while view is None:
                 await self._wait_for_room()
@@ -641,7 +644,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 self.check_open()
             self.queue.commit(nbytes)
             await self._queued_outside_send_all()
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await _cancel_shielded_checkpoint()
 
     def _release_reserved(self, view: memoryview) -> None:
         try:
@@ -681,23 +684,23 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """
         with self._send_conflict:
             self.check_open()
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _checkpoint_if_cancelled()
             self._raise_if_broken()
             if self.manager.ring is None:
                 await trio.lowlevel.wait_writable(self.fd)
                 return
             if not self.queue.writable:
                 await self._wait_for_room()
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await _cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
         """Send everything queued, then shut down the sending side
         (``shutdown(SHUT_WR)``); idempotent."""
         with self._send_conflict:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _checkpoint_if_cancelled()
             self.check_open()
             if self._eof_sent:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                await _cancel_shielded_checkpoint()
                 return
             try:
                 await self._drain()
@@ -709,7 +712,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 self.socket.shutdown(_stdlib_socket.SHUT_WR)
             except OSError as exc:
                 raise _stream_error(self, exc, "sending EOF") from exc
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await _cancel_shielded_checkpoint()
 
     # -- receiving --------------------------------------------------------------
 
@@ -739,7 +742,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 size = min(max_bytes, MAX_RECEIVE_SIZE)
             if self._closed or self.stdlib_socket.fileno() != self.fd:
                 self.check_open()
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _checkpoint_if_cancelled()
             try:
                 # Data already waiting is taken with one plain recv(): no
                 # request, no completion, no scheduler round trip.
@@ -748,7 +751,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 except BlockingIOError:
                     pass
                 else:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    await _cancel_shielded_checkpoint()
                     return data
                 if self.manager.ring is None:
                     return await self.socket.recv(size)
@@ -789,7 +792,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 and not self._socket_gone()
                 and (self.queue.nbytes or self.in_flight is not None)
             ):
-                await trio.lowlevel.checkpoint_if_cancelled()
+                await _checkpoint_if_cancelled()
                 await self._drain()
             else:
                 self._raise_if_broken()
