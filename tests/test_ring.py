@@ -334,3 +334,23 @@ def test_unstage_keeps_the_images_not_copied_in_order(ring: Ring) -> None:
     ring.submit()
     wait_until(ring, lambda: set(ring.table) == set(user_data[:2]))
     ring.table.clear()
+
+
+def test_sqpoll_ring_takes_a_batch_larger_than_its_sq() -> None:
+    """With SQPOLL the staged SQEs are published to the kernel thread, and
+    submit waits for it to make room while more are staged than fit."""
+    try:
+        ring = Ring(8, flags=_abi.IORING_SETUP_SQPOLL, sq_thread_idle=50)
+    except RingSetupError as exc:
+        pytest.skip(f"no SQPOLL here: {exc}")
+    try:
+        entries = [Collect() for _ in range(3 * ring.sq_entries)]
+        for e in entries:
+            prep_nop(ring, e)
+        ring.submit()
+        assert ring.sq_pending <= ring.sq_entries
+        wait_until(ring, lambda: all(e.cqes for e in entries))
+        assert all(e.cqes == [(0, 0)] for e in entries)
+        assert ring.table == {}
+    finally:
+        ring.close()
