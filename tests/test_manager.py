@@ -269,3 +269,53 @@ async def test_refused_strategy_leaves_no_ring_behind() -> None:
             async with trio_uring.open_manager(strategy="fixed-provided-bundle"):
                 pass  # pragma: no cover
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+class _CountingLib:
+    """The shim's ``lib``, recording the batch size of every ``tu_submit_staged``."""
+
+    def __init__(self, real: object) -> None:
+        self._real = real
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def tu_submit_staged(self, *args: object) -> int:
+        self.batches.append(args[2])  # type: ignore[arg-type]
+        return self._real.tu_submit_staged(*args)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("streams", [1, 8, 40])
+async def test_one_flush_of_k_streams_is_one_shim_call_and_one_enter(
+    monkeypatch: pytest.MonkeyPatch, streams: int
+) -> None:
+    """Every stream's SQE is staged, then one shim call copies them into the
+    SQ and enters the kernel once for all of them."""
+    from trio_uring import _ring
+
+    async with trio_uring.open_manager(strategy="vectored-fixed") as manager:
+        ring = manager.ring
+        assert ring is not None and streams <= ring.sq_entries
+        pairs = [await tcp_pair() for _ in range(streams)]
+        go = trio.Event()
+
+        async def send(stream: trio_uring.ZeroCopyStream) -> None:
+            await go.wait()
+            await stream.send_all(b"y" * 100)
+
+        counting = _CountingLib(_ring.lib)
+        async with trio.open_nursery() as nursery:
+            for stream, _ in pairs:
+                nursery.start_soon(send, stream)
+            await trio.testing.wait_all_tasks_blocked()
+            monkeypatch.setattr(_ring, "lib", counting)
+            enters = ring.enter_calls
+            go.set()
+        assert counting.batches == [streams]
+        assert ring.enter_calls - enters == 1
+        monkeypatch.undo()
+        for stream, peer in pairs:
+            assert await peer.receive_some(100) == b"y" * 100
+            await stream.aclose()
+            await peer.aclose()

@@ -10,6 +10,7 @@ invariant 2 (bytes go out in order, each once).
 
 from __future__ import annotations
 
+import inspect
 import struct
 
 import pytest
@@ -20,6 +21,7 @@ from trio_uring import _abi
 from trio_uring._buffers import ProvidedRing, RegisteredArena, decode_fixed_provided
 from trio_uring._manager import SendCounters
 from trio_uring._queue import OutboundQueue
+from trio_uring._ring import Ring
 from trio_uring._send import FixedProvidedBundle, SendRequest
 
 
@@ -160,7 +162,11 @@ class FakeRing:
     def __init__(self) -> None:
         self.sqes: list[tuple[object, int, dict[str, int]]] = []
 
-    def start(self, entry: object, opcode: int, fd: int, **sqe: int) -> int:
+    def start(self, entry: object, opcode: int, fd: int, *fields: int, **named: int) -> int:
+        """Ring.start's fields by name, however the prep passed them."""
+        bound = inspect.signature(Ring.start).bind(self, entry, opcode, fd, *fields, **named)
+        bound.apply_defaults()
+        sqe = {k: v for k, v in bound.arguments.items() if k not in ("self", "entry", "opcode")}
         self.sqes.append((entry, opcode, sqe))
         return len(self.sqes)
 

@@ -559,9 +559,9 @@ class IOManager:
         self._flush_list.append(stream)
 
     def submit_prepared(self) -> None:
-        """Enter the kernel with every prepared SQE and dispatch what
-        completed meanwhile; make the completion task watch the ring while
-        anything is left in flight."""
+        """Enter the kernel with every staged SQE and dispatch what
+        completed meanwhile (one shim call, ``Ring.submit_and_reap``); make
+        the completion task watch the ring while anything is left in flight."""
         ring = self.ring
         assert ring is not None
         ring.submit_and_reap()

@@ -7,9 +7,19 @@ expects no further CQEs (so multishot operations and zero-copy sends, which
 post a notification after their result, stay in the table until they are
 really finished).
 
+SQEs are staged, not written into the ring one by one: ``push`` packs
+each into a 64-byte image in the ring's staging buffer (one
+``struct.Struct.pack_into``, laid out as ``struct io_uring_sqe`` in
+_shim.h), and ``submit``/``submit_and_reap`` hand every staged image to the
+shim in one call, which copies them into the SQ, enters the kernel once and
+reaps.  A prepared request is thus one Python call, and a flush of many
+streams one shim call.
+
 Two kernel situations are handled here rather than surfaced as errors:
 
-* a full SQ: the pending SQEs are submitted and preparation retried;
+* a full SQ: the shim submits what the SQ holds and copies the rest after
+  it; should the kernel take nothing, the CQ is drained and submission
+  retried;
 * a CQ overflow: with ``IORING_FEAT_NODROP`` the kernel keeps overflowed
   CQEs on a list and sets ``IORING_SQ_CQ_OVERFLOW``; reaping then calls
   ``io_uring_enter(GETEVENTS)`` to flush them into the CQ, so no completion
@@ -21,6 +31,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import struct
 from typing import Protocol
 
 from . import _abi
@@ -35,6 +46,59 @@ _MORE_IN_KERNEL = _abi.IORING_SQ_CQ_OVERFLOW | _abi.IORING_SQ_TASKRUN
 IGNORED_USER_DATA = 0
 #: The kernel's limit on SQ entries (IORING_MAX_ENTRIES).
 MAX_ENTRIES = 32768
+
+#: The fields of ``struct io_uring_sqe`` in the order _shim.h declares them,
+#: which is the order ``Ring.push`` and ``Ring.start`` pass them to the
+#: packing Struct.
+SQE_FIELDS = (
+    "opcode",
+    "flags",
+    "ioprio",
+    "fd",
+    "off",
+    "addr",
+    "len",
+    "op_flags",
+    "user_data",
+    "buf_index",
+    "personality",
+    "file_index",
+    "addr3",
+    "pad2",
+)
+_STRUCT_CODES = {"uint8_t": "B", "uint16_t": "H", "uint32_t": "I", "int32_t": "i", "uint64_t": "Q"}
+
+
+def sqe_struct() -> struct.Struct:
+    """The Struct that packs one SQE image, derived from the cffi declaration.
+
+    _shim.h stays the one definition of the layout: each field's code and
+    offset come from cffi, and any gap is padding.  Byte order and sizes are
+    the host's, without alignment, as the kernel reads the SQE.  Raises
+    ImportError when the declaration no longer matches ``SQE_FIELDS``, since
+    ``push`` would then write fields into the wrong slots.
+    """
+    fields = ffi.typeof("struct io_uring_sqe").fields
+    names = tuple(name for name, _ in fields)
+    if names != SQE_FIELDS:
+        raise ImportError(f"struct io_uring_sqe in _shim.h has fields {names}, not {SQE_FIELDS}")
+    fmt, end = "=", 0
+    for _, field in fields:
+        if field.offset > end:
+            fmt += f"{field.offset - end}x"
+        fmt += _STRUCT_CODES[field.type.cname]
+        end = field.offset + ffi.sizeof(field.type)
+    size = ffi.sizeof("struct io_uring_sqe")
+    if size > end:
+        fmt += f"{size - end}x"
+    packer = struct.Struct(fmt)
+    if packer.size != size:
+        raise ImportError(f"SQE Struct {fmt!r} packs {packer.size} bytes, not {size}")
+    return packer
+
+
+SQE_SIZE = ffi.sizeof("struct io_uring_sqe")
+_pack_sqe = sqe_struct().pack_into
 
 
 class Completion(Protocol):
@@ -84,7 +148,14 @@ class Ring:
         self._ud = ffi.new("uint64_t[]", _REAP_BATCH)
         self._res = ffi.new("int32_t[]", _REAP_BATCH)
         self._flags = ffi.new("uint32_t[]", _REAP_BATCH)
-        self._sq_flags = ffi.new("uint32_t[1]")
+        # out[0]: staged images the shim copied into the SQ; out[1]: sq_flags.
+        self._out = ffi.new("uint32_t[2]")
+        # Staged SQE images, in submission order; grows when a batch
+        # outgrows it.
+        self._staging = ffi.new("struct io_uring_sqe[]", self.sq_entries)
+        self._staging_view = ffi.buffer(self._staging)
+        self._staging_capacity = self.sq_entries
+        self._staged = 0
         # With DEFER_TASKRUN, completions wait for the task to enter the
         # kernel, and polling the ring fd does not wake anyone: an eventfd
         # registered with the ring is signalled instead.
@@ -119,7 +190,6 @@ class Ring:
         self,
         opcode: int,
         fd: int,
-        *,
         addr: int = 0,
         length: int = 0,
         off: int = 0,
@@ -127,68 +197,145 @@ class Ring:
         ioprio: int = 0,
         sqe_flags: int = 0,
         buf_index: int = 0,
+        file_index: int = 0,
         user_data: int = IGNORED_USER_DATA,
     ) -> None:
-        """Prepare one SQE; if the SQ is full, submit what is queued first."""
-        while (
-            lib.tu_prep(
-                self._ring,
-                opcode,
-                sqe_flags,
-                ioprio,
-                fd,
-                addr,
-                length,
-                off,
-                op_flags,
-                user_data,
-                buf_index,
-            )
-            < 0
-        ):
-            self._make_sq_room()
+        """Stage one SQE; the next ``submit`` or ``submit_and_reap`` hands it
+        to the kernel, after every SQE staged before it."""
+        n = self._staged
+        if n == self._staging_capacity:
+            self._grow_staging()
+        _pack_sqe(
+            self._staging_view,
+            n * SQE_SIZE,
+            opcode,
+            sqe_flags,
+            ioprio,
+            fd,
+            off,
+            addr,
+            length,
+            op_flags,
+            user_data,
+            buf_index,
+            0,
+            file_index,
+            0,
+            0,
+        )
+        self._staged = n + 1
 
-    def start(self, entry: Completion, opcode: int, fd: int, **sqe: int) -> int:
-        """Register ``entry`` in the table and prepare its SQE; return its user_data."""
+    def start(
+        self,
+        entry: Completion,
+        opcode: int,
+        fd: int,
+        addr: int = 0,
+        length: int = 0,
+        off: int = 0,
+        op_flags: int = 0,
+        ioprio: int = 0,
+        sqe_flags: int = 0,
+        buf_index: int = 0,
+        file_index: int = 0,
+    ) -> int:
+        """Register ``entry`` in the table and stage its SQE; return its user_data.
+
+        Every request comes through here, so it stages the SQE itself, as
+        ``push`` does, rather than paying for one more call.
+        """
         user_data = self._next_user_data()
-        self.push(opcode, fd, user_data=user_data, **sqe)
+        n = self._staged
+        if n == self._staging_capacity:
+            self._grow_staging()
+        _pack_sqe(
+            self._staging_view,
+            n * SQE_SIZE,
+            opcode,
+            sqe_flags,
+            ioprio,
+            fd,
+            off,
+            addr,
+            length,
+            op_flags,
+            user_data,
+            buf_index,
+            0,
+            file_index,
+            0,
+            0,
+        )
+        self._staged = n + 1
         self.table[user_data] = entry
         return user_data
 
-    def _make_sq_room(self) -> None:
-        if self.sqpoll:
-            # The kernel thread has not taken the queued SQEs yet: wake it
-            # and wait until it has made room.
-            self.submit()
-            lib.tu_enter(self._ring, 0, 0, _abi.IORING_ENTER_SQ_WAKEUP | _abi.IORING_ENTER_SQ_WAIT)
-            return
-        rc = self.submit()
-        if rc == 0 or lib.tu_sq_space(self._ring) == 0:
-            # The kernel refused new work until its overflow list drains.
-            self.reap(force_enter=True)
+    def _grow_staging(self) -> None:
+        old, capacity = self._staging, self._staging_capacity
+        self._staging = ffi.new("struct io_uring_sqe[]", 2 * capacity)
+        ffi.memmove(self._staging, old, capacity * SQE_SIZE)
+        self._staging_view = ffi.buffer(self._staging)
+        self._staging_capacity = 2 * capacity
 
-    def submit(self) -> int:
-        """Hand every prepared SQE to the kernel; return how many it took."""
+    def _unstage(self, copied: int) -> None:
+        """Drop the first ``copied`` staged images: the shim moved them into the SQ."""
+        left = self._staged - copied
+        if left:
+            ffi.memmove(self._staging, self._staging + copied, left * SQE_SIZE)
+        self._staged = left
+
+    def submit(self) -> None:
+        """Hand every staged SQE to the kernel, and any a short submit left
+        in the SQ.  With SQPOLL, publish them to the kernel's thread instead."""
         if self.sqpoll:
-            pending = lib.tu_publish_sq(self._ring)
-            if lib.tu_sq_flags(self._ring) & _abi.IORING_SQ_NEED_WAKEUP:
-                lib.tu_enter(self._ring, 0, 0, _abi.IORING_ENTER_SQ_WAKEUP)
-            return pending
+            self._publish_staged()
+            return
         while True:
-            rc = lib.tu_submit(self._ring, 0, self._enter_flags)
+            rc = lib.tu_submit_staged(
+                self._ring,
+                self._staging,
+                self._staged,
+                self._enter_flags,
+                self._ud,
+                self._res,
+                self._flags,
+                0,
+                self._out,
+            )
+            self._unstage(self._out[0])
             if rc >= 0:
-                return rc
+                if not self._staged:
+                    return
+                # The SQ is full and the kernel took nothing: it refuses new
+                # work until its overflow list drains.
+                self.reap(force_enter=True)
+                continue
             if -rc not in _TRANSIENT_ENTER_ERRORS:
                 raise OSError(-rc, f"io_uring_enter failed: {os.strerror(-rc)}")
             if -rc != errno.EINTR:
                 # EBUSY/EAGAIN: the CQ overflowed or the kernel is short of
-                # memory; reaping makes room.
+                # memory; reaping makes room.  What is left stays staged.
                 self.reap(force_enter=True)
-                return 0
+                return
+
+    def _publish_staged(self) -> None:
+        """SQPOLL: copy the staged SQEs into the SQ and publish them, waking
+        the kernel thread if it sleeps; while the SQ is full, wait for the
+        thread to make room."""
+        ring = self._ring
+        while True:
+            self._unstage(lib.tu_copy_staged(ring, self._staging, self._staged))
+            lib.tu_publish_sq(ring)
+            if lib.tu_sq_flags(ring) & _abi.IORING_SQ_NEED_WAKEUP:
+                lib.tu_enter(ring, 0, 0, _abi.IORING_ENTER_SQ_WAKEUP)
+            if not self._staged:
+                return
+            lib.tu_enter(ring, 0, 0, _abi.IORING_ENTER_SQ_WAKEUP | _abi.IORING_ENTER_SQ_WAIT)
 
     @property
     def sq_pending(self) -> int:
-        return lib.tu_sq_pending(self._ring)
+        """SQEs the kernel has not taken yet: staged, or left in the SQ."""
+        return self._staged + lib.tu_sq_pending(self._ring)
 
     # -- completion -------------------------------------------------------
 
@@ -234,28 +381,40 @@ class Ring:
 
     def submit_and_reap(self) -> None:
         """``submit`` then ``reap(run_task_work=False)``, in one shim call
-        when nothing unusual happens: the path every request takes."""
+        when nothing unusual happens: the path every request and every flush
+        takes."""
         if self.sqpoll:
             self.submit()
             self.reap(run_task_work=False)
             return
-        n = lib.tu_submit_reap(
+        staged = self._staged
+        out = self._out
+        n = lib.tu_submit_staged(
             self._ring,
+            self._staging,
+            staged,
             self._enter_flags,
             self._ud,
             self._res,
             self._flags,
             _REAP_BATCH,
-            self._sq_flags,
+            out,
         )
-        if n < 0:
-            # A transient enter error: the general path retries and reaps.
-            self.submit()
-            self.reap(run_task_work=False)
-            return
-        self._dispatch(n)
-        if n == _REAP_BATCH or self._sq_flags[0] & _MORE_IN_KERNEL:
-            self.reap(run_task_work=False)
+        if out[0] == staged:
+            self._staged = 0
+        else:
+            self._unstage(out[0])
+        if n >= 0:
+            more = n == _REAP_BATCH or out[1] & _MORE_IN_KERNEL
+            self._dispatch(n)
+            if not self._staged:
+                if more:
+                    self.reap(run_task_work=False)
+                return
+        # A transient enter error, or a full SQ the kernel took nothing
+        # from: the general path retries and reaps.
+        self.submit()
+        self.reap(run_task_work=False)
 
     def _dispatch(self, n: int) -> None:
         ud, res, flags, table = self._ud, self._res, self._flags, self.table
@@ -272,14 +431,19 @@ class Ring:
         return lib.tu_register(self.fd, opcode, arg, nr_args)
 
     def last_sqe(self) -> object:
-        """The most recently prepared SQE, not yet submitted: for tests that
-        check SQE bytes, and for preps that fill a field ``push`` lacks."""
-        return lib.tu_last_sqe(self._ring)
+        """The most recently staged SQE, a ``struct io_uring_sqe *`` into the
+        staging buffer, valid until the next ``push`` or submit: for tests
+        that check SQE bytes."""
+        if not self._staged:
+            raise IndexError("no SQE is staged")
+        return self._staging + (self._staged - 1)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        # Staged SQEs go with the ring, as SQEs left in its SQ do.
+        self._staged = 0
         lib.tu_close(self._ring)
         if self._eventfd >= 0:
             os.close(self._eventfd)

@@ -1,5 +1,5 @@
-/* Mechanism only: map a ring, fill SQEs, publish, enter, reap in batches,
- * register resources.  Every policy decision is made in Python. */
+/* Mechanism only: map a ring, copy SQEs staged by Python into it, publish,
+ * enter, reap in batches, register resources.  Every policy decision is made in Python. */
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -133,36 +133,9 @@ uint32_t tu_sq_pending(struct tu_ring *r)
     return r->sqe_tail - LOAD_ACQUIRE(r->sq_head);
 }
 
-uint32_t tu_sq_space(struct tu_ring *r)
+static uint32_t sq_space(struct tu_ring *r)
 {
     return r->sq_entries - (r->sqe_tail - LOAD_ACQUIRE(r->sq_head));
-}
-
-int tu_prep(struct tu_ring *r, uint8_t opcode, uint8_t sqe_flags, uint16_t ioprio,
-            int32_t fd, uint64_t addr, uint32_t len, uint64_t off,
-            uint32_t op_flags, uint64_t user_data, uint16_t buf_index)
-{
-    if (r->sqe_tail - LOAD_ACQUIRE(r->sq_head) >= r->sq_entries)
-        return -EBUSY;
-    struct io_uring_sqe *sqe = &r->sqes[r->sqe_tail & r->sq_mask];
-    memset(sqe, 0, sizeof(*sqe));
-    sqe->opcode = opcode;
-    sqe->flags = sqe_flags;
-    sqe->ioprio = ioprio;
-    sqe->fd = fd;
-    sqe->addr = addr;
-    sqe->len = len;
-    sqe->off = off;
-    sqe->op_flags = op_flags;
-    sqe->user_data = user_data;
-    sqe->buf_index = buf_index;
-    r->sqe_tail++;
-    return 0;
-}
-
-struct io_uring_sqe *tu_last_sqe(struct tu_ring *r)
-{
-    return &r->sqes[(r->sqe_tail - 1) & r->sq_mask];
 }
 
 int tu_enter(struct tu_ring *r, uint32_t to_submit, uint32_t min_complete, uint32_t flags)
@@ -171,23 +144,40 @@ int tu_enter(struct tu_ring *r, uint32_t to_submit, uint32_t min_complete, uint3
     return sys_ret(syscall(TU_NR_ENTER, r->fd, to_submit, min_complete, flags, NULL, 0));
 }
 
-/* Make every prepared SQE visible to the kernel without entering it (an
- * SQPOLL thread picks them up); return how many it has not consumed yet. */
-uint32_t tu_publish_sq(struct tu_ring *r)
+/* Copy staged SQE images, in order, into the SQ: as many of the first
+ * `count` as it has room for.  Returns how many; they are the kernel's only
+ * once published (tu_publish_sq, or the submit of tu_submit_staged). */
+uint32_t tu_copy_staged(struct tu_ring *r, const struct io_uring_sqe *staged, uint32_t count)
 {
-    STORE_RELEASE(r->sq_tail, r->sqe_tail);
-    return r->sqe_tail - LOAD_ACQUIRE(r->sq_head);
+    uint32_t n = sq_space(r);
+    if (n > count)
+        n = count;
+    uint32_t slot = r->sqe_tail & r->sq_mask;
+    uint32_t before_wrap = r->sq_entries - slot;
+    if (before_wrap > n)
+        before_wrap = n;
+    memcpy(&r->sqes[slot], staged, before_wrap * sizeof(*staged));
+    memcpy(r->sqes, staged + before_wrap, (n - before_wrap) * sizeof(*staged));
+    r->sqe_tail += n;
+    return n;
 }
 
-int tu_submit(struct tu_ring *r, uint32_t min_complete, uint32_t flags)
+/* Make every SQE in the SQ visible to the kernel without entering it (an
+ * SQPOLL thread picks them up). */
+void tu_publish_sq(struct tu_ring *r)
+{
+    STORE_RELEASE(r->sq_tail, r->sqe_tail);
+}
+
+static int submit_sq(struct tu_ring *r, uint32_t enter_flags)
 {
     /* Everything the kernel has not consumed yet, including SQEs a previous
      * short submit left behind. */
-    STORE_RELEASE(r->sq_tail, r->sqe_tail);
+    tu_publish_sq(r);
     uint32_t to_submit = r->sqe_tail - LOAD_ACQUIRE(r->sq_head);
-    if (!to_submit && !min_complete && !flags)
+    if (!to_submit && !enter_flags)
         return 0;
-    return tu_enter(r, to_submit, min_complete, flags);
+    return tu_enter(r, to_submit, 0, enter_flags);
 }
 
 uint32_t tu_reap(struct tu_ring *r, uint64_t *user_data, int32_t *res, uint32_t *flags, uint32_t max)
@@ -207,18 +197,33 @@ uint32_t tu_reap(struct tu_ring *r, uint64_t *user_data, int32_t *res, uint32_t 
     return n;
 }
 
-/* The hot path in one call: submit what is prepared, then reap whatever
- * completed (often the request just submitted, completed inline).  Returns
- * the number reaped, or -errno from io_uring_enter with nothing reaped;
- * *sq_flags tells the caller whether the kernel holds more (overflow,
- * pending task work). */
-int tu_submit_reap(struct tu_ring *r, uint32_t enter_flags, uint64_t *user_data, int32_t *res,
-                   uint32_t *flags, uint32_t max, uint32_t *sq_flags)
+/* A flush in one call: copy the first `count` staged SQE images into the
+ * SQ, enter the kernel once for everything the SQ holds, then reap up to
+ * `max` CQEs (often the requests just submitted, completed inline).  A
+ * batch larger than the free SQ is submitted in parts: when the SQ is full,
+ * what it holds is submitted and the copy goes on.  Copying stops early when
+ * an enter fails or the kernel took nothing (it refuses new work until its
+ * overflow list drains).  out[0] is the number of images copied into the SQ
+ * (the caller keeps the rest staged); out[1] the SQ flags, which tell
+ * whether the kernel holds more completions (overflow, pending task work).
+ * Returns the number reaped, or -errno from io_uring_enter with nothing
+ * reaped. */
+int tu_submit_staged(struct tu_ring *r, const struct io_uring_sqe *staged, uint32_t count,
+                     uint32_t enter_flags, uint64_t *user_data, int32_t *res, uint32_t *flags,
+                     uint32_t max, uint32_t *out)
 {
-    int rc = tu_submit(r, 0, enter_flags);
+    uint32_t copied = 0;
+    int rc;
+    for (;;) {
+        copied += tu_copy_staged(r, staged + copied, count - copied);
+        rc = submit_sq(r, enter_flags);
+        if (rc < 0 || copied == count || !sq_space(r))
+            break;
+    }
+    out[0] = copied;
     if (rc < 0)
         return rc;
-    *sq_flags = LOAD_ACQUIRE(r->sq_flags);
+    out[1] = LOAD_ACQUIRE(r->sq_flags);
     return (int)tu_reap(r, user_data, res, flags, max);
 }
 

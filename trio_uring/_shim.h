@@ -100,7 +100,7 @@ struct tu_ring {
     uint32_t *sq_tail;
     uint32_t *sq_flags;
     uint32_t sq_mask;
-    uint32_t sqe_tail;      /* local tail: prepared but not yet published */
+    uint32_t sqe_tail;      /* local tail: copied into the SQ, not yet published */
     struct io_uring_sqe *sqes;
     uint32_t *cq_head;
     uint32_t *cq_tail;
@@ -121,20 +121,16 @@ int tu_setup(struct tu_ring *r, uint32_t entries, uint32_t cq_entries, uint32_t 
              uint32_t sq_thread_idle);
 void tu_close(struct tu_ring *r);
 
-int tu_prep(struct tu_ring *r, uint8_t opcode, uint8_t sqe_flags, uint16_t ioprio,
-            int32_t fd, uint64_t addr, uint32_t len, uint64_t off,
-            uint32_t op_flags, uint64_t user_data, uint16_t buf_index);
 uint32_t tu_sq_pending(struct tu_ring *r);
-uint32_t tu_sq_space(struct tu_ring *r);
-struct io_uring_sqe *tu_last_sqe(struct tu_ring *r);
 
 int tu_enter(struct tu_ring *r, uint32_t to_submit, uint32_t min_complete, uint32_t flags);
-int tu_submit(struct tu_ring *r, uint32_t min_complete, uint32_t flags);
-uint32_t tu_publish_sq(struct tu_ring *r);
+uint32_t tu_copy_staged(struct tu_ring *r, const struct io_uring_sqe *staged, uint32_t count);
+void tu_publish_sq(struct tu_ring *r);
 
 uint32_t tu_reap(struct tu_ring *r, uint64_t *user_data, int32_t *res, uint32_t *flags, uint32_t max);
-int tu_submit_reap(struct tu_ring *r, uint32_t enter_flags, uint64_t *user_data, int32_t *res,
-                   uint32_t *flags, uint32_t max, uint32_t *sq_flags);
+int tu_submit_staged(struct tu_ring *r, const struct io_uring_sqe *staged, uint32_t count,
+                     uint32_t enter_flags, uint64_t *user_data, int32_t *res, uint32_t *flags,
+                     uint32_t max, uint32_t *out);
 uint32_t tu_cq_ready(struct tu_ring *r);
 uint32_t tu_sq_flags(struct tu_ring *r);
 
