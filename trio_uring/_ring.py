@@ -239,34 +239,21 @@ class Ring:
         buf_index: int = 0,
         file_index: int = 0,
     ) -> int:
-        """Register ``entry`` in the table and stage its SQE; return its user_data.
-
-        Every request comes through here, so it stages the SQE itself, as
-        ``push`` does, rather than paying for one more call.
-        """
+        """Register ``entry`` in the table and stage its SQE; return its user_data."""
         user_data = self._next_user_data()
-        n = self._staged
-        if n == self._staging_capacity:
-            self._grow_staging()
-        _pack_sqe(
-            self._staging_view,
-            n * SQE_SIZE,
+        self.push(
             opcode,
-            sqe_flags,
-            ioprio,
             fd,
-            off,
             addr,
             length,
+            off,
             op_flags,
-            user_data,
+            ioprio,
+            sqe_flags,
             buf_index,
-            0,
             file_index,
-            0,
-            0,
+            user_data,
         )
-        self._staged = n + 1
         self.table[user_data] = entry
         return user_data
 
