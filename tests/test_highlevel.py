@@ -47,6 +47,26 @@ async def test_serve_tcp_and_open_tcp_stream(strategy: str, manager) -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.skipif(
+    not hasattr(stdlib_socket, "TCP_NOTSENT_LOWAT"), reason="no TCP_NOTSENT_LOWAT here"
+)
+async def test_both_ends_leave_unsent_data_to_the_system_default(manager) -> None:
+    # trio's SocketStream caps unsent data at 16 KiB; open_tcp_stream undoes
+    # that, so both ends of a connection behave alike (0: the sysctl).
+    lowat = (stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NOTSENT_LOWAT)
+    (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        port = listener.socket.getsockname()[1]
+        client = await trio_uring.open_tcp_stream("127.0.0.1", port)
+        server = await listener.accept()
+        async with client, server:
+            assert client.getsockopt(*lowat) == 0
+            assert server.getsockopt(*lowat) == 0
+            trio_stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with trio_stream, await listener.accept():
+                assert trio_stream.getsockopt(*lowat) == 16384  # what is undone
+
+
 async def test_listener_accept_is_cancellable_and_closable(manager) -> None:
     (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
     with trio.move_on_after(0.05) as scope:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket as _stdlib_socket
 from collections.abc import Awaitable, Callable
@@ -116,8 +117,20 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
 
 
 async def open_tcp_stream(host: str | bytes, port: int, **kwargs: Any) -> ZeroCopyStream:
-    """Connect like ``trio.open_tcp_stream`` (happy eyeballs, DNS) and wrap."""
+    """Connect like ``trio.open_tcp_stream`` (happy eyeballs, DNS) and wrap.
+
+    trio's ``SocketStream`` sets ``TCP_NOTSENT_LOWAT`` to 16 KiB, so that
+    its ``send_all`` leaves little unsent data in the kernel.  A
+    ``ZeroCopyStream`` buffers in its own outbound queue, and the limit
+    only splits its large sends into many small ones (each socket fill a
+    round trip through trio's epoll): it is set back to the system's
+    default, as on the streams a ``ZeroCopyListener`` accepts.
+    """
     stream = await trio.open_tcp_stream(host, port, **kwargs)
+    if hasattr(_stdlib_socket, "TCP_NOTSENT_LOWAT"):
+        with contextlib.suppress(OSError):
+            # 0: the kernel uses net.ipv4.tcp_notsent_lowat (unlimited by default).
+            stream.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NOTSENT_LOWAT, 0)
     return ZeroCopyStream(stream.socket)
 
 
