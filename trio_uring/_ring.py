@@ -374,12 +374,11 @@ class Ring:
             self.submit()
             self.reap(run_task_work=False)
             return
-        staged = self._staged
         out = self._out
         n = lib.tu_submit_staged(
             self._ring,
             self._staging,
-            staged,
+            self._staged,
             self._enter_flags,
             self._ud,
             self._res,
@@ -387,10 +386,7 @@ class Ring:
             _REAP_BATCH,
             out,
         )
-        if out[0] == staged:
-            self._staged = 0
-        else:
-            self._unstage(out[0])
+        self._unstage(out[0])
         if n >= 0:
             more = n == _REAP_BATCH or out[1] & _MORE_IN_KERNEL
             self._dispatch(n)
