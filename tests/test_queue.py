@@ -16,6 +16,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trio_uring._shim_cffi import ffi
 
 from trio_uring import _abi
 from trio_uring._buffers import ProvidedRing, RegisteredArena, decode_fixed_provided
@@ -30,7 +31,11 @@ def make_queue(n_slices: int = 4, slice_size: int = 64, limit: int = 2) -> Outbo
 
 
 def queued_bytes(queue: OutboundQueue) -> bytes:
-    return b"".join(bytes(queue.view[o : o + n]) for o, n, _ in queue.unsent)
+    return b"".join(bytes(queue.segment_view(s)) for s in queue.unsent)
+
+
+def read_bytes(queue: OutboundQueue, segments: list[list[object]]) -> bytes:
+    return b"".join(bytes(queue.segment_view(s)) for s in segments)
 
 
 def test_small_writes_pack_into_one_segment() -> None:
@@ -125,17 +130,21 @@ def test_model_kernel_never_sees_rewritten_or_reordered_bytes(data: st.DataObjec
     awaiting: list[tuple[list[list[int]], bytes]] = []
     counter = 0
     for _ in range(data.draw(st.integers(1, 60))):
-        action = data.draw(st.sampled_from(["write", "send", "notify"]))
-        if action == "write":
+        action = data.draw(st.sampled_from(["write", "hold", "send", "notify"]))
+        if action in ("write", "hold"):
             n = data.draw(st.integers(1, 80))
             chunk = bytes((counter + i) % 251 for i in range(n))
             counter += n
-            pos = queue.write(memoryview(chunk))
+            if action == "hold":
+                queue.hold(chunk)  # by reference, in order with the copies
+                pos = n
+            else:
+                pos = queue.write(memoryview(chunk))
             written += chunk[:pos]
             assert queue.held <= queue.limit
         elif action == "send" and queue.nbytes:
             segments = queue.take(data.draw(st.integers(1, 4)))
-            read = b"".join(bytes(queue.view[o : o + n]) for o, n, _ in segments)
+            read = read_bytes(queue, segments)
             sent = data.draw(st.integers(0, len(read)))
             wire += read[:sent]
             if sent < len(read):
@@ -143,17 +152,51 @@ def test_model_kernel_never_sees_rewritten_or_reordered_bytes(data: st.DataObjec
             awaiting.append((segments, read))
         elif action == "notify" and awaiting:
             segments, read = awaiting.pop(data.draw(st.integers(0, len(awaiting) - 1)))
-            now = b"".join(bytes(queue.view[o : o + n]) for o, n, _ in segments)
+            now = read_bytes(queue, segments)
             assert now == read, "a slice was rewritten before its notification"
             queue.release(segments)
     assert bytes(wire) == bytes(written[: len(wire)])
     assert bytes(written[len(wire) :]) == queued_bytes(queue)
     for segments, read in awaiting:
-        now = b"".join(bytes(queue.view[o : o + n]) for o, n, _ in segments)
+        now = read_bytes(queue, segments)
         assert now == read, "a slice was rewritten before its notification"
         queue.release(segments)
     queue.clear()
     assert queue.held == 0 and queue.arena.free_count == 6 and set(queue.refs) == {0}
+
+
+def test_held_bytes_queue_by_reference_in_order_with_copies() -> None:
+    queue = make_queue(slice_size=64)
+    held = b"h" * 100
+    queue.write(memoryview(b"a" * 10))
+    queue.hold(held)
+    queue.write(memoryview(b"b" * 10))
+    assert queue.nbytes == 120 and queue.held == 1  # held bytes take no slice
+    assert [s[1] for s in queue.unsent] == [10, 100, 10]
+    assert queue.unsent[1][2] is held and queue.segment_view(queue.unsent[1]) is held
+    assert queued_bytes(queue) == b"a" * 10 + held + b"b" * 10
+    queue.consume(30)  # a plain send took the copy and part of the held bytes
+    assert queue.unsent[0][:2] == [20, 80]
+    assert bytes(queue.segment_view(queue.unsent[0])) == held[20:]
+    segments = queue.take(2)
+    queue.requeue(segments, 50)  # a request sent 50 of the 90 bytes
+    assert queued_bytes(queue) == held[70:] + b"b" * 10
+    queue.release(segments)
+    queue.consume(queue.nbytes)
+    assert queue.nbytes == 0 and queue.held == 0 and set(queue.refs) == {0}
+
+
+def test_held_bytes_are_sent_from_their_own_address() -> None:
+    queue = make_queue()
+    held = bytes(range(200))
+    queue.write(memoryview(b"x" * 8))
+    queue.hold(held)
+    copied, by_reference = queue.take(2)
+    assert queue.segment_address(copied) == queue.arena.base + copied[0]
+    address = queue.segment_address(by_reference)
+    assert ffi.buffer(ffi.cast("char *", address), len(held))[:] == held
+    by_reference[0] += 50
+    assert queue.segment_address(by_reference) == address + 50
 
 
 class FakeRing:

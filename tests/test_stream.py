@@ -13,6 +13,7 @@ import trio.testing
 from _streams import tcp_pair, unix_pair
 
 import trio_uring
+from trio_uring._send import DIRECT_SEND_MIN
 
 
 async def zc_tcp_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:
@@ -370,6 +371,70 @@ async def test_a_plain_send_stream_sends_a_lone_message_at_once_and_queues_a_flo
             assert stats.bytes_copied == 199 * 100
             assert stats.sends < 100
         assert received == b"response" + b"".join(flow)
+
+
+async def test_a_copying_stream_holds_a_flow_of_large_bytes_by_reference() -> None:
+    """Under ``copy`` a flow of ``bytes`` messages of ``DIRECT_SEND_MIN`` or
+    more is held by reference and leaves several per send(), copied nowhere
+    in user space; mutable buffers are sent before ``send_all`` returns, so
+    changing them afterwards changes nothing on the wire."""
+    if not trio_uring.features().io_uring:
+        pytest.skip("the copy strategy needs io_uring")
+    async with trio_uring.open_manager(strategy="copy"):
+        left, right = await zc_tcp_pair()
+        received = bytearray()
+        flow = [bytes([i]) * DIRECT_SEND_MIN for i in range(40)]
+        async with left, right, trio.open_nursery() as nursery:
+            nursery.start_soon(drain_into, right, received)
+            for message in flow:
+                await left.send_all(message)
+            mutable = bytearray(b"m" * DIRECT_SEND_MIN)
+            for _ in range(4):
+                await left.send_all(mutable)
+                mutable[:] = b"!" * DIRECT_SEND_MIN
+            await left.send_eof()
+            stats = left.stats()
+            assert stats.bytes_copied == 0
+            assert stats.bytes_sent == 44 * DIRECT_SEND_MIN
+            assert stats.sends < 30
+        assert received == b"".join(flow) + b"m" * DIRECT_SEND_MIN + b"!" * 3 * DIRECT_SEND_MIN
+
+
+async def test_held_bytes_wait_for_a_slow_peer_and_a_cancelled_wait_queues_nothing() -> None:
+    """Held bytes count against the stream's share: once the peer stops
+    reading, ``send_all`` waits when the share is queued, and the kernel
+    sends what the socket could not take from the bytes themselves.  A
+    send_all cancelled in that wait queued nothing: the stream stays usable."""
+    if not trio_uring.features().io_uring:
+        pytest.skip("the copy strategy needs io_uring")
+    async with trio_uring.open_manager(strategy="copy"):
+        left, right = await zc_tcp_pair()
+        fix_buffers(left, right)
+        share = left.queue.limit * left.queue.slice_size
+        sent: list[bytes] = []
+        received = bytearray()
+
+        async def read_two_messages() -> None:
+            while len(received) < 2 * DIRECT_SEND_MIN:
+                received.extend(await right.receive_some(2 * DIRECT_SEND_MIN - len(received)))
+
+        async with left, right:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_two_messages)
+                with trio.move_on_after(1) as scope:
+                    for i in range(4 * share // DIRECT_SEND_MIN):
+                        message = bytes([i % 251]) * DIRECT_SEND_MIN
+                        await left.send_all(message)
+                        sent.append(message)
+            assert scope.cancelled_caught
+            assert left.queue.nbytes >= share - DIRECT_SEND_MIN
+            assert left.in_flight is not None  # the kernel reads held bytes
+            assert left.stats().bytes_copied == 0
+            await left.send_all(b"after")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain_into, right, received)
+                await left.send_eof()
+        assert received == b"".join(sent) + b"after"
 
 
 async def test_a_message_sent_at_once_to_a_reset_peer_raises_broken() -> None:

@@ -574,7 +574,8 @@ class IOManager:
 
         Coalescing: a stream that queued bytes in this tick *and* the one
         before (a producer in full flow) is held for another tick while its
-        queue is under ``FLUSH_THRESHOLD``, so its small messages go out
+        queue is under its ``flush_threshold`` (``FLUSH_THRESHOLD``, or the
+        stream's share for bytes held by reference), so its messages go out
         together.  Anything else is flushed now: a stream whose producer
         queued once (a response) goes out at the end of the very tick it was
         queued in, and when trio is about to sleep (``timeout > 0``) nothing
@@ -595,7 +596,7 @@ class IOManager:
                 not about_to_sleep
                 and stream.last_tick == tick
                 and stream.streak > 1
-                and stream.queue.nbytes < FLUSH_THRESHOLD
+                and stream.queue.nbytes < stream.flush_threshold
             ):
                 held.append(stream)
                 continue

@@ -30,10 +30,13 @@ from typing import Any
 
 from ._buffers import RegisteredArena
 from ._queuecore import QueueCore
+from ._shim_cffi import ffi
 
-#: A queued run of bytes: ``[arena offset, length, owner]`` (mutable, so
+#: A queued run of bytes: ``[offset, length, owner]`` (mutable, so
 #: appending to the tail extends the last segment in place).  The owner is
-#: the slice id, or the ``ContentAllocation`` of registered content.
+#: the slice id or the ``ContentAllocation`` of registered content (the
+#: offset is then an arena offset), or a caller's ``bytes`` held by
+#: reference (an offset into them; see ``hold``).
 Segment = list[Any]
 
 
@@ -156,6 +159,34 @@ class OutboundQueue(QueueCore):
         self.unsent.append([offset, length, allocation])
         self.nbytes += length
 
+    def hold(self, data: bytes) -> None:
+        """Queue a caller's ``bytes`` by reference: no copy, no slice.
+
+        Only for strategies under which the kernel copies at send time:
+        ``bytes`` are immutable and never move, so holding the object is as
+        good as a copy until the kernel has copied them, and costs nothing.
+        """
+        self.unsent.append([0, len(data), data])
+        self.nbytes += len(data)
+
+    def segment_view(self, segment: Segment) -> bytes | memoryview:
+        """The bytes ``segment`` names."""
+        offset, length, owner = segment
+        if owner.__class__ is not bytes:
+            return self.view[offset : offset + length]
+        if length == len(owner):
+            return owner  # type: ignore[no-any-return]
+        return memoryview(owner)[offset : offset + length]
+
+    def segment_address(self, segment: Segment) -> int:
+        """The address of the bytes ``segment`` names, for the kernel."""
+        owner = segment[2]
+        if owner.__class__ is bytes:
+            # The object outlives the request (its segments hold it), and
+            # CPython never moves a bytes object's data.
+            return int(ffi.cast("uintptr_t", ffi.from_buffer(owner))) + segment[0]
+        return self.arena.base + segment[0]
+
     def take(self, max_segments: int) -> list[Segment]:
         """Remove up to ``max_segments`` segments from the front for a
         request; their slice counts move to the request."""
@@ -213,7 +244,7 @@ class OutboundQueue(QueueCore):
             owner = seg[2]
             if owner.__class__ is int:
                 refs[owner] += 1
-            else:
+            elif owner.__class__ is not bytes:
                 owner.ref()
         self.unsent.extendleft(reversed(rest))
         self.nbytes += sum(s[1] for s in rest)
@@ -228,7 +259,8 @@ class OutboundQueue(QueueCore):
 
     def unref(self, slice_id: Any) -> None:
         if slice_id.__class__ is not int:
-            slice_id.unref()  # registered content
+            if slice_id.__class__ is not bytes:
+                slice_id.unref()  # registered content
             return
         refs = self.refs
         count = refs[slice_id] - 1

@@ -18,7 +18,8 @@ the front of the queue.
 ``copy``                    plain nonblocking ``send()`` of the queue (the kernel
                             copies); what the socket cannot take now goes to an
                             io_uring SEND that completes when it drains.  Large
-                            payloads skip the queue: sent from the caller's buffer
+                            payloads skip the copy: sent from the caller's buffer,
+                            or, for ``bytes`` in a flow, queued by reference
 ``socket``                  no io_uring: every ``send_all`` sends from the caller's
                             buffer itself, waiting for writability in between
 ==========================  =====================================================
@@ -92,12 +93,17 @@ class SendStrategy(Protocol):
     queue and sends from the caller's buffer.  ``sends_at_once``: a small
     message of a stream that is not in a flow of messages goes out with a
     plain ``send()`` inside ``send_all`` instead of waiting for the flush.
+    ``holds_bytes``: the kernel copies at send time, so a flow of such large
+    ``bytes`` payloads is queued by reference (``OutboundQueue.hold``) and
+    goes out several per ``send()``: the flush reads segments through
+    ``segment_view`` / ``segment_address``.
     """
 
     name: str
     zero_copy: bool
     direct_min: int
     sends_at_once: bool
+    holds_bytes: bool
 
     def flush(self, stream: ZeroCopyStream) -> None:
         """Hand the front of ``stream``'s queue to the kernel."""
@@ -112,6 +118,7 @@ class VectoredFixed:
     zero_copy = True
     direct_min = _NEVER
     sends_at_once = False
+    holds_bytes = False
 
     def flush(self, stream: ZeroCopyStream) -> None:
         segments = stream.queue.take(_abi.UIO_MAXIOV)
@@ -153,6 +160,7 @@ class FixedSingle:
     zero_copy = True
     direct_min = _NEVER
     sends_at_once = False
+    holds_bytes = False
 
     def flush(self, stream: ZeroCopyStream) -> None:
         send_fixed_run(stream, SendRequest(stream, stream.queue.take_run()))
@@ -206,6 +214,7 @@ class FixedProvidedBundle:
     zero_copy = True
     direct_min = _NEVER
     sends_at_once = False
+    holds_bytes = False
 
     def flush(self, stream: ZeroCopyStream) -> None:
         queue, ring = stream.queue, stream.provided_ring
@@ -233,17 +242,17 @@ class FixedProvidedBundle:
 def send_now(stream: ZeroCopyStream) -> None:
     """Plain nonblocking ``send()``/``sendmsg()`` of the queue, until it is
     empty or the socket is full."""
-    queue, sock, view = stream.queue, stream.stdlib_socket, stream.queue.view
+    queue, sock, segment_view = stream.queue, stream.stdlib_socket, stream.queue.segment_view
     unsent = queue.unsent
     while unsent:
         try:
             if len(unsent) == 1:
-                offset, offered, _ = unsent[0]
-                sent = sock.send(view[offset : offset + offered], _MSG_NOSIGNAL)
+                offered = unsent[0][1]
+                sent = sock.send(segment_view(unsent[0]), _MSG_NOSIGNAL)
             else:
                 front = list(itertools.islice(unsent, _abi.UIO_MAXIOV))
                 offered = sum(s[1] for s in front)
-                sent = sock.sendmsg([view[s[0] : s[0] + s[1]] for s in front], (), _MSG_NOSIGNAL)
+                sent = sock.sendmsg([segment_view(s) for s in front], (), _MSG_NOSIGNAL)
         except BlockingIOError:
             return
         queue.consume(sent)
@@ -268,6 +277,7 @@ class Copy:
     zero_copy = False
     direct_min = DIRECT_SEND_MIN
     sends_at_once = True
+    holds_bytes = True
 
     def flush(self, stream: ZeroCopyStream) -> None:
         send_now(stream)
@@ -277,7 +287,7 @@ class Copy:
         request = SendRequest(stream, segments)
         ring = stream.manager.ring
         if len(segments) == 1:
-            address = stream.manager.arena.base + segments[0][0]
+            address = stream.queue.segment_address(segments[0])
             prep_send(ring, request, stream.fd, address, request.nbytes, SEND_MSG_FLAGS)
         else:
             prep_sendmsg(ring, request, stream.fd, stream.fill_msghdr(segments), SEND_MSG_FLAGS)
@@ -295,6 +305,7 @@ class SocketSend:
     zero_copy = False
     direct_min = 0
     sends_at_once = True
+    holds_bytes = False
 
     def flush(self, stream: ZeroCopyStream) -> None:
         send_now(stream)

@@ -115,7 +115,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
 
     Where the kernel copies anyway (loopback, veth, AF_UNIX) the stream
     sends with plain nonblocking ``send()`` calls, payloads of
-    ``DIRECT_SEND_MIN`` bytes or more straight from the caller's buffer.
+    ``DIRECT_SEND_MIN`` bytes or more straight from the caller's buffer; a
+    flow of such payloads that are ``bytes`` (immutable) is queued by
+    reference instead, uncopied, and leaves several per ``send()``.
 
     Semantics follow ``trio.SocketStream``: one task sends and one receives
     at a time (``trio.BusyResourceError`` otherwise); after ``aclose``,
@@ -197,6 +199,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             self.bgid = self.manager.register_buf_ring(
                 self.provided_ring.address, self.provided_ring.entries
             )
+        #: Queued bytes past which this stream is flushed at once, and not
+        #: held for more messages at the tick (see ``IOManager.flush_tick``).
+        self.flush_threshold = self._flush_threshold_for(self.strategy)
         self._iov = ffi.new("uint64_t[]", 2 * _abi.UIO_MAXIOV)
         self.msghdr = ffi.new("struct tu_msghdr *")
         self.msghdr.msg_iov = ffi.cast("struct tu_iovec *", self._iov)
@@ -243,9 +248,12 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     def fill_msghdr(self, segments: list[Segment]) -> int:
         """Point the stream's msghdr at ``segments``; return its address."""
         words, base, j = self._iov, self.manager.arena.base, 0
-        for offset, length, _ in segments:
-            words[j] = base + offset
-            words[j + 1] = length
+        for segment in segments:
+            if segment[2].__class__ is bytes:
+                words[j] = self.queue.segment_address(segment)
+            else:
+                words[j] = base + segment[0]
+            words[j + 1] = segment[1]
             j += 2
         self.msghdr.msg_iovlen = len(segments)
         return self._msghdr_address
@@ -284,7 +292,17 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             switch = counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD
         if switch:
             self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
+            self.flush_threshold = self._flush_threshold_for(self.strategy)
             self._adaptive = False
+
+    def _flush_threshold_for(self, strategy: SendStrategy) -> int:
+        """``FLUSH_THRESHOLD`` of bytes copied into slices; a strategy that
+        holds callers' bytes by reference holds up to the stream's share:
+        those bytes cost neither a copy nor a slice while they wait, and
+        every message more per ``send()`` saves a system call."""
+        if strategy.holds_bytes:
+            return self.queue.limit * self.queue.slice_size
+        return FLUSH_THRESHOLD
 
     def break_sending(self, exc: BaseException) -> None:
         """A send failed or stopped part way: the peer may see a prefix, so
@@ -393,7 +411,25 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             nbytes = len(view)
             strategy = self.strategy
             if nbytes >= strategy.direct_min:
-                await self._send_direct(memoryview(view))
+                if (
+                    cls is bytes
+                    and strategy.holds_bytes
+                    and nbytes < FLUSH_THRESHOLD
+                    and self.manager.tick <= self.last_tick + 1
+                ):
+                    # A producer in full flow under a copying strategy: its
+                    # bytes are held by reference, to go out several per
+                    # send(); the flush threshold is the stream's share.
+                    if self.queue.nbytes >= self.flush_threshold:
+                        await self._wait_for_share()
+                    self.queue.hold(view)  # type: ignore[arg-type]
+                    self._queued()
+                else:
+                    await self._send_direct(memoryview(view))
+                    # When it finished, not when it began: a message right
+                    # after it continues a flow however long it waited.
+                    self.last_tick = self.manager.tick
+                    self.streak = 1
             elif nbytes:
                 sent = 0
                 if strategy.sends_at_once and self.manager.tick > self.last_tick + 1:
@@ -450,14 +486,20 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         await _checkpoint_if_cancelled()
         queue = self.queue
         if len(content):
-            limit = queue.limit * queue.slice_size
-            if queue.nbytes >= limit:
-                self._flush_now()
-                await self._wait_for(lambda: queue.nbytes < limit)
-                self._raise_if_broken()
+            if queue.nbytes >= queue.limit * queue.slice_size:
+                await self._wait_for_share()
             queue.append_content(*content.segment())
             await self._queued_outside_send_all()
         await _cancel_shielded_checkpoint()
+
+    async def _wait_for_share(self) -> None:
+        """Flush, then wait while the queue holds a share's worth of unsent
+        bytes (bytes held by reference or content, which take no slice)."""
+        queue = self.queue
+        limit = queue.limit * queue.slice_size
+        self._flush_now()
+        await self._wait_for(lambda: queue.nbytes < limit)
+        self._raise_if_broken()
 
     async def _queued_outside_send_all(self) -> None:
         """``reserve()`` or content queued bytes: without a ring nothing
@@ -478,7 +520,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         if tick != self.last_tick:
             self.streak = self.streak + 1 if tick == self.last_tick + 1 else 1
             self.last_tick = tick
-        if self.queue.nbytes >= FLUSH_THRESHOLD and self.in_flight is None:
+        if self.queue.nbytes >= self.flush_threshold and self.in_flight is None:
             self._flush_now()
         if self.queue.nbytes and not self.flush_pending:
             manager.schedule_flush(self)
