@@ -13,6 +13,7 @@ import trio.testing
 from _streams import tcp_pair, unix_pair
 
 import trio_uring
+from trio_uring._manager import FLUSH_THRESHOLD
 from trio_uring._send import DIRECT_SEND_MIN
 
 
@@ -398,6 +399,48 @@ async def test_a_copying_stream_holds_a_flow_of_large_bytes_by_reference() -> No
             assert stats.bytes_sent == 44 * DIRECT_SEND_MIN
             assert stats.sends < 30
         assert received == b"".join(flow) + b"m" * DIRECT_SEND_MIN + b"!" * 3 * DIRECT_SEND_MIN
+
+
+async def test_copy_flushes_slices_at_the_threshold_and_held_bytes_at_the_share() -> None:
+    """Held bytes wait for more messages up to the stream's share; bytes
+    copied into the arena's slices, shared by every stream, only up to
+    ``FLUSH_THRESHOLD``."""
+    if not trio_uring.features().io_uring:
+        pytest.skip("the copy strategy needs io_uring")
+    async with trio_uring.open_manager(strategy="copy"):
+        left, right = await zc_tcp_pair()
+        big = 8 * 1024 * 1024  # every flush fits the socket at once
+        left.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, big)
+        right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, big)
+        queue = left.queue
+        share = queue.limit * queue.slice_size
+        assert left.flush_threshold == share
+        assert left.flush_slices == FLUSH_THRESHOLD // queue.slice_size
+        received = bytearray()
+        async with left, right, trio.open_nursery() as nursery:
+            nursery.start_soon(drain_into, right, received)
+            # Queued within one tick, as a flow's messages are before the
+            # tick's flush: the send happens at the threshold, not before.
+            for _ in range(2 * FLUSH_THRESHOLD // 4096):
+                assert queue.write(memoryview(b"s" * 4096)) == 4096
+                left._queued()
+                if left.stats().sends:
+                    break
+            assert left.stats().sends == 1
+            assert FLUSH_THRESHOLD < left.stats().bytes_sent <= FLUSH_THRESHOLD + queue.slice_size
+            with trio.fail_after(5):
+                while queue.nbytes or left.in_flight is not None:
+                    await trio.sleep(0.01)
+            held = 0
+            for _ in range(2 * share // DIRECT_SEND_MIN):
+                queue.hold(b"h" * DIRECT_SEND_MIN)
+                left._queued()
+                held += 1
+                if left.stats().sends == 2:
+                    break
+            assert held == share // DIRECT_SEND_MIN
+            await left.send_eof()
+        assert len(received) == left.stats().bytes_sent
 
 
 async def test_held_bytes_wait_for_a_slow_peer_and_a_cancelled_wait_queues_nothing() -> None:

@@ -574,7 +574,7 @@ class IOManager:
 
         Coalescing: a stream that queued bytes in this tick *and* the one
         before (a producer in full flow) is held for another tick while its
-        queue is under its ``flush_threshold`` (``FLUSH_THRESHOLD``, or the
+        queue is under its flush thresholds (``FLUSH_THRESHOLD``, or the
         stream's share for bytes held by reference), so its messages go out
         together.  Anything else is flushed now: a stream whose producer
         queued once (a response) goes out at the end of the very tick it was
@@ -597,6 +597,7 @@ class IOManager:
                 and stream.last_tick == tick
                 and stream.streak > 1
                 and stream.queue.nbytes < stream.flush_threshold
+                and stream.queue.held <= stream.flush_slices
             ):
                 held.append(stream)
                 continue

@@ -8,6 +8,7 @@ import errno
 import operator
 import os
 import socket as _stdlib_socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ MAX_RECEIVE_SIZE = 4 * 1024 * 1024
 _ZERO_COPY_FAMILIES = (_stdlib_socket.AF_INET, _stdlib_socket.AF_INET6)
 _STREAM_FAMILIES = (*_ZERO_COPY_FAMILIES, _stdlib_socket.AF_UNIX)
 _MSG_NOSIGNAL = _stdlib_socket.MSG_NOSIGNAL
+_NEVER = sys.maxsize
 # Bound once: send_all and receive_some call them on every message.
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
@@ -199,9 +201,12 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             self.bgid = self.manager.register_buf_ring(
                 self.provided_ring.address, self.provided_ring.entries
             )
-        #: Queued bytes past which this stream is flushed at once, and not
-        #: held for more messages at the tick (see ``IOManager.flush_tick``).
-        self.flush_threshold = self._flush_threshold_for(self.strategy)
+        #: Queued bytes, and slices, past which this stream is flushed at
+        #: once and not held for more messages at the tick (see
+        #: ``IOManager.flush_tick`` and ``_set_flush_thresholds``).
+        self.flush_threshold = FLUSH_THRESHOLD
+        self.flush_slices = _NEVER
+        self._set_flush_thresholds()
         self._iov = ffi.new("uint64_t[]", 2 * _abi.UIO_MAXIOV)
         self.msghdr = ffi.new("struct tu_msghdr *")
         self.msghdr.msg_iov = ffi.cast("struct tu_iovec *", self._iov)
@@ -217,6 +222,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._error_unreported = False
         #: Send-side tasks waiting for room, a send to finish, or an error.
         self._progress = trio.lowlevel.ParkingLot()
+        #: Tasks parked in ``_progress``: a plain count, because asking the
+        #: ParkingLot (a Python ``__len__``) on every freed slice is not free.
+        self._parked = 0
         self._wait_scope: trio.CancelScope | None = None
         # Coalescing state for the manager's per-tick flush: whether the
         # stream is on the manager's list, the last tick it queued bytes in,
@@ -292,17 +300,27 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             switch = counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD
         if switch:
             self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
-            self.flush_threshold = self._flush_threshold_for(self.strategy)
+            self._set_flush_thresholds()
             self._adaptive = False
 
-    def _flush_threshold_for(self, strategy: SendStrategy) -> int:
-        """``FLUSH_THRESHOLD`` of bytes copied into slices; a strategy that
-        holds callers' bytes by reference holds up to the stream's share:
-        those bytes cost neither a copy nor a slice while they wait, and
-        every message more per ``send()`` saves a system call."""
-        if strategy.holds_bytes:
-            return self.queue.limit * self.queue.slice_size
-        return FLUSH_THRESHOLD
+    def _set_flush_thresholds(self) -> None:
+        """``FLUSH_THRESHOLD`` bytes, for a strategy that sends slices.
+
+        A strategy that holds callers' bytes by reference holds up to the
+        stream's share of them, as long as its slices stay under
+        ``FLUSH_THRESHOLD``: held bytes cost neither a copy nor a slice while
+        they wait, and every message more per ``send()`` saves a system
+        call, where slices are the arena's, shared by every stream.  (Such a
+        strategy's slices go back to the arena as soon as ``send()`` copied
+        them, so the slices it holds are the ones queued, and the tail.)
+        """
+        queue = self.queue
+        if self.strategy.holds_bytes:
+            self.flush_threshold = queue.limit * queue.slice_size
+            self.flush_slices = max(1, FLUSH_THRESHOLD // queue.slice_size)
+        else:
+            self.flush_threshold = FLUSH_THRESHOLD
+            self.flush_slices = _NEVER
 
     def break_sending(self, exc: BaseException) -> None:
         """A send failed or stopped part way: the peer may see a prefix, so
@@ -328,11 +346,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             self.fail(exc)
 
     def _slice_freed(self) -> None:
-        if self._progress:
+        if self._parked:
             self._wake()
 
     def _wake(self) -> None:
-        if self._progress:
+        if self._parked:
             self._progress.unpark_all()
             self.manager.woke_tasks = True
 
@@ -520,9 +538,12 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         if tick != self.last_tick:
             self.streak = self.streak + 1 if tick == self.last_tick + 1 else 1
             self.last_tick = tick
-        if self.queue.nbytes >= self.flush_threshold and self.in_flight is None:
+        queue = self.queue
+        if (
+            queue.nbytes >= self.flush_threshold or queue.held > self.flush_slices
+        ) and self.in_flight is None:
             self._flush_now()
-        if self.queue.nbytes and not self.flush_pending:
+        if queue.nbytes and not self.flush_pending:
             manager.schedule_flush(self)
 
     def _flush_now(self) -> None:
@@ -534,6 +555,14 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         if self.manager.ring is not None and self.manager.ring.sq_pending:
             self.manager.submit_prepared()
 
+    async def _park(self) -> None:
+        """Wait in ``_progress`` until ``_wake``."""
+        self._parked += 1
+        try:
+            await self._progress.park()
+        finally:
+            self._parked -= 1
+
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
         """Park until ``ready()`` or an error; ``ClosedResourceError`` once
         another task closes the stream.  A checkpoint only when it parks."""
@@ -542,7 +571,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("the stream was closed while a send waited")
             if ready() or self._send_broken is not None:
                 return
-            await self._progress.park()
+            await self._park()
 
     async def _wait_for_room(self) -> None:
         """Backpressure: flush, then wait until ``write`` can make progress:
@@ -557,7 +586,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             if queue.writable or self._send_broken is not None:
                 break
             if queue.at_limit:
-                await self._progress.park()
+                await self._park()
                 continue
             with trio.CancelScope() as scope:
                 self._wait_scope = scope
