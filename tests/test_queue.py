@@ -186,6 +186,18 @@ def test_held_bytes_queue_by_reference_in_order_with_copies() -> None:
     assert queue.nbytes == 0 and queue.held == 0 and set(queue.refs) == {0}
 
 
+def test_copies_are_counted_per_queue_and_per_arena_and_held_bytes_are_not() -> None:
+    arena = RegisteredArena(8 * 64, 64)
+    first, second = OutboundQueue(arena, 4), OutboundQueue(arena, 4)
+    assert first.write(memoryview(b"a" * 100)) == 100
+    first.hold(b"h" * 1000)
+    assert second.write(b"b" * 30, 10) == 30
+    assert (first.copied, second.copied, arena.copied[0]) == (100, 20, 120)
+    with pytest.raises(TypeError, match="bytes, not bytearray"):
+        first.hold(bytearray(b"mutable"))  # type: ignore[arg-type]
+    assert first.nbytes == 1100
+
+
 def test_held_bytes_are_sent_from_their_own_address() -> None:
     queue = make_queue()
     held = bytes(range(200))

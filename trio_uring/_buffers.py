@@ -14,6 +14,7 @@ flight that reads it, dropped when that send's notification
 
 from __future__ import annotations
 
+import array
 import mmap
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -191,6 +192,10 @@ class RegisteredArena:
         self._waiters: deque[_Ticket] = deque()
         #: References to each slice, kept by the outbound queues (``_queue``).
         self.refs = [0] * n_slices
+        #: Bytes copied in user space into this memory: by the outbound
+        #: queues (their C core adds to this int64 as it copies) and by
+        #: ``register``.
+        self.copied = array.array("q", [0])
 
     @property
     def free_count(self) -> int:

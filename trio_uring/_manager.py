@@ -96,7 +96,6 @@ class SendCounters:
 
     __slots__ = (
         "bytes",
-        "bytes_copied",
         "consecutive_copied",
         "copied",
         "notifications",
@@ -107,7 +106,6 @@ class SendCounters:
     def __init__(self, parent: SendCounters | None = None) -> None:
         self.sends = 0
         self.bytes = 0
-        self.bytes_copied = 0
         self.notifications = 0
         self.copied = 0
         self.consecutive_copied = 0
@@ -522,7 +520,7 @@ class IOManager:
         arena = self.arena
         offset = arena.content.allocate(nbytes) if nbytes else arena.content.start
         arena.view[offset : offset + nbytes] = view
-        self.counters.bytes_copied += nbytes
+        arena.copied[0] += nbytes
         return RegisteredContent(self, ContentAllocation(arena, offset, nbytes), offset, nbytes)
 
     async def acquire_slices(self, max_slices: int) -> list[int]:
@@ -724,7 +722,7 @@ class IOManager:
             "strategy": self.strategy,
             "sends": c.sends,
             "bytes": c.bytes,
-            "bytes_copied": c.bytes_copied,
+            "bytes_copied": self.arena.copied[0],
             "notifications": c.notifications,
             "notifications_copied": c.copied,
             "notifications_zerocopy": c.notifications - c.copied,

@@ -53,7 +53,7 @@ class OutboundQueue(QueueCore):
     def __init__(
         self, arena: RegisteredArena, limit: int, on_free: Callable[[], None] | None = None
     ) -> None:
-        super().__init__(arena.view, arena.slice_size, arena.refs, deque())
+        super().__init__(arena.view, arena.slice_size, arena.refs, deque(), arena.copied)
         self.arena = arena
         self.view = arena.view
         self.limit = limit
@@ -65,11 +65,18 @@ class OutboundQueue(QueueCore):
 
     # -- writing ----------------------------------------------------------------
     # ``write(data, pos=0)`` (copy ``data[pos:]`` into the queue as far as it
-    # fits without waiting for a slice; return the position reached) and
+    # fits without waiting for a slice; return the position reached),
     # ``_append(start, nbytes)`` (queue ``nbytes`` just written at the tail's
-    # fill point, extending the last segment when it ends there) are
+    # fill point, extending the last segment when it ends there) and
+    # ``hold(data)`` (queue a ``bytes`` object by reference) are
     # ``QueueCore``'s, in C: they run for every queued message.  When the
     # tail is full, ``write`` asks ``_new_tail`` below for the next slice.
+    # ``copied`` counts the bytes ``write`` copied (``arena.copied`` those
+    # of every queue).
+    #
+    # ``hold`` is only for strategies under which the kernel copies at send
+    # time: ``bytes`` are immutable and never move, so holding the object is
+    # as good as a copy until the kernel has copied it, and costs nothing.
 
     def reserve(self, nbytes: int) -> memoryview | None:
         """A writable view of ``nbytes`` free bytes at the tail (``nbytes`` at
@@ -168,16 +175,6 @@ class OutboundQueue(QueueCore):
         self.unsent.append([offset, length, allocation])
         self.nbytes += length
 
-    def hold(self, data: bytes) -> None:
-        """Queue a caller's ``bytes`` by reference: no copy, no slice.
-
-        Only for strategies under which the kernel copies at send time:
-        ``bytes`` are immutable and never move, so holding the object is as
-        good as a copy until the kernel has copied them, and costs nothing.
-        """
-        self.unsent.append([0, len(data), data])
-        self.nbytes += len(data)
-
     def segment_view(self, segment: Segment) -> bytes | memoryview:
         """The bytes ``segment`` names."""
         offset, length, owner = segment
@@ -234,7 +231,8 @@ class OutboundQueue(QueueCore):
                 return
             nbytes -= seg[1]
             unsent.popleft()
-            self.unref(seg[2])
+            if seg[2].__class__ is not bytes:  # held bytes hold no count
+                self.unref(seg[2])
         self._drop_idle_tail()
 
     def requeue(self, segments: list[Segment], sent: int) -> None:

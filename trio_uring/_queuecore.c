@@ -1,12 +1,16 @@
 /* The copy at the heart of send_all, as a CPython type.
  *
  * QueueCore holds the fields of an outbound queue's tail (which slice,
- * where in the arena, how full) and the two operations every queued byte
- * goes through: copy the caller's bytes into the tail and record them as a
- * queued segment.  Everything else about the queue (which slice to take
- * next, reference counts dropped by requests, requeueing after a short
- * send) is policy, and lives in the Python subclass OutboundQueue
- * (_queue.py), which calls back into nothing here but these two methods.
+ * where in the arena, how full) and the operations every queued byte goes
+ * through: copy the caller's bytes into the tail and record them as a
+ * queued segment, or (hold) record a bytes object by reference.  It counts
+ * the bytes it copied, per queue and, through an optional shared int64,
+ * for every queue of the arena: counting here costs nothing, where Python
+ * counters cost every message two attribute updates.  Everything else
+ * about the queue (which slice to take next, reference counts dropped by
+ * requests, requeueing after a short send) is policy, and lives in the
+ * Python subclass OutboundQueue (_queue.py), which this code calls back
+ * only for the next slice (_new_tail).
  *
  * Written against the CPython API rather than the cffi shim because a cffi
  * call costs a few thousand instructions, as much as the Python it would
@@ -27,6 +31,8 @@ typedef struct {
     Py_ssize_t nbytes;    /* bytes queued and not yet taken by a request */
     PyObject *unsent;     /* collections.deque of [offset, length, owner] */
     PyObject *refs;       /* list: references to each slice (the arena's) */
+    long long copied;     /* bytes write() copied into the arena */
+    Py_buffer total;      /* optional: one int64 that every queue adds its copies to */
 } QueueCore;
 
 static PyObject *str_new_tail;
@@ -35,11 +41,11 @@ static PyObject *str_append;
 static int
 QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"arena", "slice_size", "refs", "unsent", NULL};
-    PyObject *arena, *refs, *unsent;
+    static char *kwlist[] = {"arena", "slice_size", "refs", "unsent", "copied_total", NULL};
+    PyObject *arena, *refs, *unsent, *total = Py_None;
     Py_ssize_t slice_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnO!O", kwlist, &arena, &slice_size,
-                                     &PyList_Type, &refs, &unsent))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnO!O|O", kwlist, &arena, &slice_size,
+                                     &PyList_Type, &refs, &unsent, &total))
         return -1;
     if (slice_size <= 0) {
         PyErr_SetString(PyExc_ValueError, "slice_size must be positive");
@@ -54,7 +60,22 @@ QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "the arena is smaller than its slices");
         return -1;
     }
+    if (self->total.obj != NULL)
+        PyBuffer_Release(&self->total);
+    if (total != Py_None) {
+        if (PyObject_GetBuffer(total, &self->total, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            PyBuffer_Release(&self->arena);
+            return -1;
+        }
+        if (self->total.len < (Py_ssize_t)sizeof(long long)) {
+            PyBuffer_Release(&self->total);
+            PyBuffer_Release(&self->arena);
+            PyErr_SetString(PyExc_ValueError, "copied_total must hold one 64-bit integer");
+            return -1;
+        }
+    }
     self->slice_size = slice_size;
+    self->copied = 0;
     self->tail = -1;
     self->tail_offset = 0;
     self->fill = 0;
@@ -91,6 +112,8 @@ QueueCore_dealloc(QueueCore *self)
     QueueCore_clear(self);
     if (self->arena.obj != NULL)
         PyBuffer_Release(&self->arena);
+    if (self->total.obj != NULL)
+        PyBuffer_Release(&self->total);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -239,6 +262,13 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
         if (append_segment(self, start, n) < 0)
             goto error;
         pos += n;
+        self->copied += n;
+        if (self->total.obj != NULL) {
+            long long sum;
+            memcpy(&sum, self->total.buf, sizeof sum);
+            sum += n;
+            memcpy(self->total.buf, &sum, sizeof sum);
+        }
     }
     PyBuffer_Release(&data);
     return PyLong_FromSsize_t(pos);
@@ -247,12 +277,39 @@ error:
     return NULL;
 }
 
+/* Queue a caller's bytes object by reference: [0, len, data] at the end. */
+static PyObject *
+QueueCore_hold(QueueCore *self, PyObject *data)
+{
+    if (!PyBytes_CheckExact(data)) {
+        PyErr_Format(PyExc_TypeError, "hold() takes bytes, not %.100s", Py_TYPE(data)->tp_name);
+        return NULL;
+    }
+    if (self->unsent == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the queue has no segment list");
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    PyObject *segment = Py_BuildValue("[nnO]", (Py_ssize_t)0, n, data);
+    if (segment == NULL)
+        return NULL;
+    PyObject *rc = PyObject_CallMethodOneArg(self->unsent, str_append, segment);
+    Py_DECREF(segment);
+    if (rc == NULL)
+        return NULL;
+    Py_DECREF(rc);
+    self->nbytes += n;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef QueueCore_methods[] = {
     {"write", (PyCFunction)(void (*)(void))QueueCore_write, METH_FASTCALL,
      "write(data, pos=0) -> int\n\nCopy data[pos:] into the queue as far as it fits without "
      "waiting for a slice; return the position reached."},
     {"_append", (PyCFunction)(void (*)(void))QueueCore_append, METH_FASTCALL,
      "_append(start, nbytes)\n\nQueue nbytes just written at start, the tail's fill point."},
+    {"hold", (PyCFunction)QueueCore_hold, METH_O,
+     "hold(data)\n\nQueue a bytes object by reference: no copy, no slice."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -264,6 +321,7 @@ static PyMemberDef QueueCore_members[] = {
     {"nbytes", T_PYSSIZET, offsetof(QueueCore, nbytes), 0, NULL},
     {"unsent", T_OBJECT_EX, offsetof(QueueCore, unsent), 0, NULL},
     {"refs", T_OBJECT_EX, offsetof(QueueCore, refs), READONLY, NULL},
+    {"copied", T_LONGLONG, offsetof(QueueCore, copied), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 

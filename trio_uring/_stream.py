@@ -64,9 +64,9 @@ class StreamStats:
     ``sends`` counts the requests (or plain ``send()`` calls) that handed
     bytes to the kernel: one may carry many ``send_all`` calls' bytes.
     ``bytes_copied`` counts the bytes copied in user space into registered
-    slices: every byte of a ``send_all`` that went through the queue, none
-    of those produced in place by ``reserve()`` or sent straight from the
-    caller's buffer.
+    slices: every byte of a ``send_all`` copied into the queue, none of
+    those produced in place by ``reserve()``, held by reference (``bytes``
+    under ``copy``) or sent straight from the caller's buffer.
 
     A snapshot: bytes are sent after ``send_all`` has returned, and
     notifications arrive after that.  Once a stream whose strategy the
@@ -460,9 +460,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 queued = self.queue.write(view)
                 if queued < nbytes:
                     await self._write_waiting(memoryview(view), queued, prefix_sent=sent > 0)
-                counters = self.counters
-                counters.bytes_copied += nbytes
-                counters.parent.bytes_copied += nbytes  # type: ignore[union-attr]
                 self._queued()
             await _cancel_shielded_checkpoint()
         finally:
@@ -897,7 +894,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             strategy=self.strategy.name,
             sends=c.sends,
             bytes_sent=c.bytes,
-            bytes_copied=c.bytes_copied,
+            bytes_copied=self.queue.copied,
             notifications=c.notifications,
             notifications_copied=c.copied,
             notifications_zerocopy=c.notifications - c.copied,
