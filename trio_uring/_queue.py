@@ -121,38 +121,29 @@ class OutboundQueue(QueueCore):
             self.fill = 0
             self.unref(tail)
 
-    def _new_tail(self) -> bool:
-        """Drop the full tail and take a free slice; False if none may be taken.
-
-        ``adopt``'s work, inline: ``write`` calls this every ``slice_size``
-        bytes, and a call less is a measurable share of a small message.
-        """
-        old = self.tail
-        if old >= 0:
-            self.tail = -1
+    def _new_tail(self, granted: int = -1) -> bool:
+        """Drop the full tail and make the next slice the tail: ``granted``
+        (just taken from the arena) or else a free one; False if none may
+        be taken.  ``write`` calls this, in C, every ``slice_size`` bytes."""
+        if self.tail >= 0:
+            old, self.tail = self.tail, -1
             self.unref(old)
-        if self.held >= self.limit:
-            return False
-        got = self.arena.take_one()
-        if got < 0:
-            return False
-        self.refs[got] = 1
+        if granted < 0:
+            if self.held >= self.limit:
+                return False
+            granted = self.arena.take_one()
+            if granted < 0:
+                return False
+        self.refs[granted] = 1
         self.held += 1
-        self.tail = got
-        self.tail_offset = got * self.slice_size
+        self.tail = granted
+        self.tail_offset = granted * self.slice_size
         self.fill = 0
         return True
 
     def adopt(self, slice_id: int) -> None:
         """Make ``slice_id`` (just taken from the arena) the new tail."""
-        if self.tail >= 0:
-            old, self.tail = self.tail, -1
-            self.unref(old)
-        self.refs[slice_id] = 1
-        self.held += 1
-        self.tail = slice_id
-        self.tail_offset = slice_id * self.slice_size
-        self.fill = 0
+        self._new_tail(slice_id)
 
     @property
     def writable(self) -> bool:
