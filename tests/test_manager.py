@@ -12,6 +12,7 @@ from _streams import tcp_pair
 from trio_uring._shim_cffi import ffi
 
 import trio_uring
+from trio_uring import _manager
 from trio_uring._features import SETUP_FLAG_CANDIDATES
 from trio_uring._manager import Multishot, current_manager
 from trio_uring._prep import prep_accept, prep_nop, prep_recv
@@ -319,3 +320,29 @@ async def test_one_flush_of_k_streams_is_one_shim_call_and_one_enter(
             assert await peer.receive_some(100) == b"y" * 100
             await stream.aclose()
             await peer.aclose()
+
+
+async def test_requests_the_kernel_keeps_past_shutdown_keep_their_memory() -> None:
+    """A request still in the table after the shutdown timeout keeps the
+    arena and itself (with any caller bytes its segments hold) alive for
+    the rest of the process, and shutdown says so."""
+    held = b"bytes a request still reads" * 100
+
+    class StuckRequest:
+        """Stands for a request whose CQE never comes."""
+
+        def __init__(self) -> None:
+            self.segments = [[0, len(held), held]]
+
+        def complete(self, res: int, flags: int) -> bool:
+            return True
+
+    manager = trio_uring.IOManager()  # no completion task: aclose alone reaps
+    assert manager.ring is not None
+    stuck = StuckRequest()
+    manager.ring.table[2**62] = stuck  # type: ignore[assignment]
+    with pytest.warns(RuntimeWarning, match="1 requests still held kernel references"):
+        await manager.aclose(timeout=0.05)
+    arena, requests = _manager._abandoned[-1]  # type: ignore[misc]
+    assert arena is manager.arena and requests == [stuck]
+    _manager._abandoned.pop()

@@ -68,8 +68,10 @@ FLUSH_THRESHOLD = 256 * 1024
 
 _reschedule = trio.lowlevel.reschedule
 
-#: Arenas whose memory the kernel still referenced at shutdown.  Kept mapped
-#: until the process exits rather than handed back to the allocator.
+#: Arenas whose memory the kernel still referenced at shutdown, with the
+#: requests that did (and through their segments any caller's ``bytes`` they
+#: hold by reference).  Kept until the process exits rather than handed back
+#: to the allocator.
 _abandoned: list[object] = []
 
 
@@ -701,7 +703,7 @@ class IOManager:
         for bgid in list(self._registered_bgids):
             self.unregister_buf_ring(bgid)
         if leftover:
-            _abandoned.append(self.arena)
+            _abandoned.append((self.arena, list(ring.table.values())))
             warnings.warn(
                 f"trio_uring: {leftover} requests still held kernel references after "
                 f"{timeout:.0f} s at shutdown; their memory stays mapped until exit",
