@@ -48,7 +48,7 @@ class OutboundQueue(QueueCore):
     tail may then be rewound).
     """
 
-    __slots__ = ("arena", "held", "limit", "on_free", "reserved", "view")
+    __slots__ = ("arena", "byte_limit", "held", "limit", "on_free", "reserved", "view")
 
     def __init__(
         self, arena: RegisteredArena, limit: int, on_free: Callable[[], None] | None = None
@@ -57,6 +57,9 @@ class OutboundQueue(QueueCore):
         self.arena = arena
         self.view = arena.view
         self.limit = limit
+        #: The share in bytes: what bytes that take no slice (held by
+        #: reference, registered content) may queue before ``send_all`` waits.
+        self.byte_limit = limit * arena.slice_size
         self.on_free = on_free
         #: Slices this queue holds (tail, queued, or read by a request in flight).
         self.held = 0

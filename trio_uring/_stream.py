@@ -316,7 +316,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """
         queue = self.queue
         if self.strategy.holds_bytes:
-            self.flush_threshold = queue.limit * queue.slice_size
+            self.flush_threshold = queue.byte_limit
             self.flush_slices = max(1, FLUSH_THRESHOLD // queue.slice_size)
         else:
             self.flush_threshold = FLUSH_THRESHOLD
@@ -437,8 +437,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 ):
                     # A producer in full flow under a copying strategy: its
                     # bytes are held by reference, to go out several per
-                    # send(); the flush threshold is the stream's share.
-                    if self.queue.nbytes >= self.flush_threshold:
+                    # send(), up to the stream's share.
+                    if self.queue.nbytes >= self.queue.byte_limit:
                         await self._wait_for_share()
                     self.queue.hold(view)  # type: ignore[arg-type]
                     self._queued()
@@ -501,7 +501,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         await _checkpoint_if_cancelled()
         queue = self.queue
         if len(content):
-            if queue.nbytes >= queue.limit * queue.slice_size:
+            if queue.nbytes >= queue.byte_limit:
                 await self._wait_for_share()
             queue.append_content(*content.segment())
             await self._queued_outside_send_all()
@@ -511,9 +511,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """Flush, then wait while the queue holds a share's worth of unsent
         bytes (bytes held by reference or content, which take no slice)."""
         queue = self.queue
-        limit = queue.limit * queue.slice_size
         self._flush_now()
-        await self._wait_for(lambda: queue.nbytes < limit)
+        await self._wait_for(lambda: queue.nbytes < queue.byte_limit)
         self._raise_if_broken()
 
     async def _queued_outside_send_all(self) -> None:
