@@ -116,8 +116,11 @@ class SendCounters:
     def sent(self, nbytes: int) -> None:
         self.sends += 1
         self.bytes += nbytes
-        if self.parent is not None:
-            self.parent.sent(nbytes)
+        parent = self.parent
+        if parent is not None:
+            # The manager's counters have no parent: one level, no call.
+            parent.sends += 1
+            parent.bytes += nbytes
 
     def notified(self, copied: bool) -> None:
         self.notifications += 1

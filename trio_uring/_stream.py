@@ -450,13 +450,30 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     self.streak = 1
             elif nbytes:
                 sent = 0
-                if strategy.sends_at_once and self.manager.tick > self.last_tick + 1:
-                    sent = self._send_at_once(view)
-                    if sent == nbytes:
-                        await _cancel_shielded_checkpoint()
-                        return
-                    view = memoryview(view)[sent:]
-                    nbytes -= sent
+                tick = self.manager.tick
+                if strategy.sends_at_once and tick > self.last_tick + 1:
+                    # A lone message (a response, not a flow): one plain
+                    # send() now, unless bytes queued earlier must go first.
+                    # Holding it for the tick's flush would cost the queue's
+                    # bookkeeping and batch nothing.  The tick is recorded
+                    # either way, so the next message of a flow is queued.
+                    self.last_tick = tick
+                    self.streak = 1
+                    if not self.queue.nbytes and self.in_flight is None:
+                        try:
+                            sent = self.stdlib_socket.send(view, _MSG_NOSIGNAL)
+                        except BlockingIOError:
+                            pass
+                        except OSError as exc:
+                            self.break_sending(exc)
+                            raise _stream_error(self, exc, "sending") from exc
+                        else:
+                            self.counters.sent(sent)
+                            if sent == nbytes:
+                                await _cancel_shielded_checkpoint()
+                                return
+                            view = memoryview(view)[sent:]
+                            nbytes -= sent
                 queued = self.queue.write(view)
                 if queued < nbytes:
                     await self._write_waiting(memoryview(view), queued, prefix_sent=sent > 0)
@@ -464,29 +481,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             await _cancel_shielded_checkpoint()
         finally:
             conflict.busy = False
-
-    def _send_at_once(self, data: bytes | memoryview) -> int:
-        """Send a small message with one plain ``send()`` now; the bytes sent.
-
-        For a plain-send stream that queued nothing in this tick or the one
-        before (a response, not a flow of messages): holding it for the
-        tick's flush would cost the queue's bookkeeping and gain nothing.
-        The tick is recorded whether or not the message could go now, so
-        the next message of a flow is queued and coalesced as usual.
-        """
-        self.last_tick = self.manager.tick
-        self.streak = 1
-        if self.queue.nbytes or self.in_flight is not None:
-            return 0  # bytes queued earlier go first
-        try:
-            sent = self.stdlib_socket.send(data, _MSG_NOSIGNAL)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            self.break_sending(exc)
-            raise _stream_error(self, exc, "sending") from exc
-        self.counters.sent(sent)
-        return sent
 
     async def _send_content(self, content: RegisteredContent) -> None:
         """Queue a reference to registered content, waiting while the queue
@@ -797,6 +791,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         try:
             if max_bytes is None:
                 size = DEFAULT_RECEIVE_SIZE
+            elif max_bytes.__class__ is int and 0 < max_bytes <= MAX_RECEIVE_SIZE:
+                size = max_bytes
             else:
                 try:
                     max_bytes = int(max_bytes.__index__())
