@@ -12,6 +12,8 @@
 #      iproute2             the VM tier's NIC tests (network namespace, tap)
 #      qemu-system-x86      the VM tier (optional: without it the tier is skipped)
 #      wrk                  the load generator of bench scenario e (optional, as qemu)
+#      valgrind             the instruction counts of python -m trio_uring.bench.callgrind
+#                           (optional, as qemu: without it their tests are skipped)
 # 2. This package with its test extras, in editable mode: into the active
 #    virtualenv, or into the python3 found, or, where that python3 is the
 #    distribution's externally managed one, into ./.venv.
@@ -24,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 required=(gcc python3-dev python3-venv graphviz socat netcat-openbsd curl openssl iproute2)
-optional=(qemu-system-x86 wrk)
+optional=(qemu-system-x86 wrk valgrind)
 
 have_command() { command -v "$1" > /dev/null 2>&1; }
 
@@ -41,6 +43,7 @@ installed() {
 	iproute2) have_command ip ;;
 	qemu-system-x86) have_command qemu-system-x86_64 ;;
 	wrk) have_command wrk ;;
+	valgrind) have_command valgrind ;;
 	python3-dev | python3-venv) true ;;
 	*) have_command "$1" ;;
 	esac
@@ -65,7 +68,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 		echo "test.sh: missing system packages: ${missing[*]}" >&2
 		echo "test.sh: install them with: sudo apt-get install ${missing[*]}" >&2
 		[ ${#still[@]} -eq 0 ] || exit 1
-		echo "test.sh: continuing; the VM tier will be skipped" >&2
+		echo "test.sh: continuing; the tests that need them are skipped" >&2
 	fi
 fi
 

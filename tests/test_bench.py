@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import shutil
@@ -304,6 +305,45 @@ def test_callgrind_arithmetic() -> None:
     ]
 
 
+def test_callgrind_echo_counts_are_checked() -> None:
+    assert callgrind._echo("50:200:600") == (50, 200, 600)
+    for bad in ("50:200", "0:1:2", "5:3:3", "5:0:4", "a:b:c"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            callgrind._echo(bad)
+    args = callgrind.build_parser().parse_args([])
+    assert args.echo == callgrind.DEFAULT_ECHO and not args.no_echo
+
+
+@pytest.mark.parametrize("contender", ["trio", "zc:auto"])
+def test_counted_echo_serves_the_clients_then_exits(contender: str) -> None:
+    """The echo server callgrind counts, without valgrind: it answers every
+    request of the clients with the same bytes and exits once they
+    have all closed, reporting what it echoed."""
+    job = {
+        "contender": contender,
+        "host": "127.0.0.1",
+        "clients": 3,
+        "arena_size": Config().arena_size,
+        "slice_size": Config().slice_size,
+    }
+    with subprocess.Popen(
+        [sys.executable, "-m", "trio_uring.bench.counted_echo", json.dumps(job)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("PORT ")
+            callgrind.drive_echo(int(line.split()[1]), 3, 5, 1000)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0
+    assert json.loads(out) == {"echoed": 3 * 5 * 1000}
+
+
 def test_callgrind_without_valgrind_skips(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -326,12 +366,14 @@ def test_callgrind_counts_instructions_per_send_all(tmp_path: Path) -> None:
             "zc:auto",
             "--counts",
             "4096:5:25",
+            "--echo",
+            "3:5:25",
             "--out",
             str(tmp_path),
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads((tmp_path / callgrind.REPORT_NAME).read_text())
@@ -346,6 +388,14 @@ def test_callgrind_counts_instructions_per_send_all(tmp_path: Path) -> None:
         assert r["instructions_per_send_all"] == (r["ir_n2"] - r["ir_n1"]) / 20
     assert by_name["trio"]["ratio"] == 1.0
     assert "zc:auto" in proc.stdout and "instructions per send_all" in proc.stdout
+    assert rep["echo"] == {"clients": 3, "r1": 5, "r2": 25, "size": Config().echo_size}
+    echo = {r["contender"]: r for r in rep["echo_results"]}
+    assert set(echo) == {"trio", "zc:auto"}
+    for r in echo.values():
+        assert r["ir_r2"] > r["ir_r1"] > 0
+        assert r["instructions_per_request"] == (r["ir_r2"] - r["ir_r1"]) / (3 * 20)
+    assert echo["trio"]["ratio"] == 1.0
+    assert "per echo request" in proc.stdout
 
 
 def run_bench(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:

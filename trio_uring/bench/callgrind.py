@@ -1,7 +1,7 @@
-"""Instructions per ``send_all``, counted by callgrind.
+"""Instructions per ``send_all``, and per echo request, counted by callgrind.
 
-python -m trio_uring.bench.callgrind                        # about three minutes
-python -m trio_uring.bench.callgrind --contenders trio,zc:auto --counts 4096:100:300
+python -m trio_uring.bench.callgrind                        # about four minutes
+python -m trio_uring.bench.callgrind --contenders trio,zc:auto --counts 4096:100:300 --no-echo
 
 Wall-clock figures move with whatever else runs on a shared machine; the
 number of user-space instructions a call executes hardly does.  This
@@ -17,6 +17,14 @@ stream's first sends (where ``zc:auto`` finds out that loopback copies)
 are the same in both runs and cancel.  ``N1`` is large enough to cover
 that warm-up.  Only the sender runs under valgrind; the kernel's work is
 not counted (it is not user space), nor is the sink's.
+
+Echo requests are counted the same way: the echo server of scenario (c)
+(``counted_echo.py``) runs under callgrind while ``CLIENTS`` connections
+from this process make ``R1`` requests each, and again with ``R2``;
+``(Ir(R2) - Ir(R1)) / (CLIENTS * (R2 - R1))`` is the server's work per
+request.  Each connection sends its next request as soon as its answer is
+in, so the server, slowed by valgrind, finds a request waiting on every
+connection, as a loaded server does.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import datetime
 import json
 import os
 import re
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +59,9 @@ REPORT_NAME = "callgrind.json"
 #: after 32 "copied" notifications; coalesced, one request carries up to
 #: 64 messages of 4 KiB), N2 - N1 calls are what is measured.
 DEFAULT_COUNTS = ((4 * KIB, 3000, 6000), (MIB, 40, 120))
+#: (clients, R1, R2) for echo requests: R1 covers accepting and the first
+#: requests, R2 - R1 requests per client are what is measured.
+DEFAULT_ECHO = (50, 200, 600)
 BASELINE = contenders.BASELINE
 
 
@@ -63,6 +76,14 @@ class Run:
     contender: str
     counts: tuple[tuple[int, int], ...]
     measures: int | None  # the size whose count is N2, None for the base run
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoRun:
+    """One callgrind run of the echo server: ``requests`` per client."""
+
+    contender: str
+    requests: int
 
 
 def find_valgrind() -> str:
@@ -153,15 +174,7 @@ def run_one(run: Run, valgrind: str, python: str, port: int, config: Config, wor
     # walk them, are then the same in both runs of a difference.
     env = dict(os.environ, PYTHONHASHSEED="0")
     proc = subprocess.run(
-        [
-            valgrind,
-            "--tool=callgrind",
-            f"--callgrind-out-file={out}",
-            python,
-            "-m",
-            "trio_uring.bench.counted_send",
-            json.dumps(job),
-        ],
+        _valgrind_command(valgrind, python, out, "trio_uring.bench.counted_send", job),
         capture_output=True,
         text=True,
         env=env,
@@ -174,6 +187,168 @@ def run_one(run: Run, valgrind: str, python: str, port: int, config: Config, wor
         return parse_total(out.read_text())
     finally:
         out.unlink(missing_ok=True)
+
+
+def _valgrind_command(
+    valgrind: str, python: str, out: Path, module: str, job: dict[str, Any]
+) -> list[str]:
+    return [
+        valgrind,
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        python,
+        "-m",
+        module,
+        json.dumps(job),
+    ]
+
+
+def drive_echo(port: int, clients: int, requests: int, size: int) -> None:
+    """``clients`` connections make ``requests`` requests of ``size`` bytes
+    each, one at a time per connection, the next sent as soon as the answer
+    is in; raise if an answer is not the request.
+
+    Under valgrind the server is far slower than this loop, so it finds a
+    request waiting on every connection, as a loaded server does.
+    """
+    request = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    socks: dict[int, socket.socket] = {}
+    left: dict[int, int] = {}
+    answers: dict[int, bytearray] = {}
+    with select.epoll() as ep:
+        try:
+            for _ in range(clients):
+                s = socket.create_connection(("127.0.0.1", port), timeout=300)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                socks[s.fileno()] = s
+            for fd, s in socks.items():
+                left[fd] = requests
+                answers[fd] = bytearray()
+                s.sendall(request)
+                s.setblocking(False)
+                ep.register(fd, select.EPOLLIN)
+            while left:
+                events = ep.poll(300)
+                if not events:
+                    raise RuntimeError("the echo server stopped answering")
+                for fd, _ in events:
+                    data = socks[fd].recv(size - len(answers[fd]))
+                    if not data:
+                        raise RuntimeError("the echo server closed a connection early")
+                    answers[fd] += data
+                    if len(answers[fd]) < size:
+                        continue
+                    if answers[fd] != request:
+                        raise RuntimeError("the echo server answered with other bytes")
+                    answers[fd].clear()
+                    left[fd] -= 1
+                    if left[fd]:
+                        socks[fd].send(request)  # one request in flight: it fits
+                    else:
+                        del left[fd]
+                        ep.unregister(fd)
+                        socks.pop(fd).close()
+        finally:
+            for s in socks.values():
+                s.close()
+
+
+def run_echo(
+    run: EchoRun, valgrind: str, python: str, clients: int, config: Config, workdir: Path
+) -> int:
+    """Run the echo server under callgrind while the clients make their
+    requests; return its total instruction count."""
+    job = {
+        "contender": run.contender,
+        "host": "127.0.0.1",
+        "clients": clients,
+        "arena_size": config.arena_size,
+        "slice_size": config.slice_size,
+    }
+    out = workdir / f"callgrind.echo.{os.getpid()}.{time.monotonic_ns()}.out"
+    command = _valgrind_command(valgrind, python, out, "trio_uring.bench.counted_echo", job)
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONHASHSEED="0"),
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            line = proc.stdout.readline()
+            if not line.startswith("PORT "):
+                raise RuntimeError(f"the echo server did not start: {proc.stderr.read()[-500:]}")
+            drive_echo(int(line.split()[1]), clients, run.requests, config.echo_size)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.read().splitlines() if not ln.startswith("==")]
+            raise RuntimeError((lines or ["no output"])[-1] + f" (exit status {proc.returncode})")
+    try:
+        return parse_total(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def measure_echo(
+    names: list[str],
+    echo: tuple[int, int, int],
+    config: Config,
+    jobs: int,
+    valgrind: str,
+    python: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Two echo runs per contender; the instructions per request of each."""
+    clients, r1, r2 = echo
+    runs = [EchoRun(name, r) for name in names for r in (r1, r2)]
+    totals: dict[EchoRun, int] = {}
+    errors: list[dict[str, str]] = []
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="trio_uring-callgrind-") as tmp:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {
+                pool.submit(run_echo, r, valgrind, python, clients, config, Path(tmp)): r
+                for r in runs
+            }
+            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                r = futures[future]
+                what = f"echo, {r.requests} requests per client"
+                try:
+                    totals[r] = future.result()
+                    detail = f"{totals[r]:,} Ir"
+                except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+                    errors.append({"contender": r.contender, "run": what, "error": str(exc)})
+                    detail = f"FAILED: {exc}"
+                elapsed = time.monotonic() - start
+                print(
+                    f"[{i}/{len(runs)} {elapsed:4.0f}s] {r.contender} {what}: {detail}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    results = []
+    for name in names:
+        low, high = EchoRun(name, r1), EchoRun(name, r2)
+        if low not in totals or high not in totals:
+            continue
+        results.append(
+            {
+                "contender": name,
+                "ir_r1": totals[low],
+                "ir_r2": totals[high],
+                "instructions_per_request": per_call(
+                    totals[low], totals[high], clients * r1, clients * r2
+                ),
+            }
+        )
+    base = next((r for r in results if r["contender"] == BASELINE), None)
+    for r in results:
+        r["ratio"] = (
+            r["instructions_per_request"] / base["instructions_per_request"] if base else None
+        )
+    return results, errors
 
 
 def measure(
@@ -283,7 +458,21 @@ def format_table(report: dict[str, Any]) -> str:
         "user-space instructions per send_all (callgrind), (Ir(N2) - Ir(N1)) / (N2 - N1); "
         "in brackets: ratio to trio"
     )
-    return "\n".join([title, f"counts: {counts}", f"sink: {report['sink']['detail']}", *text])
+    lines = [title, f"counts: {counts}", f"sink: {report['sink']['detail']}", *text]
+    echo = report.get("echo")
+    if echo:
+        lines += [
+            "",
+            f"user-space instructions per echo request of the server ({echo['clients']} "
+            f"clients, {echo['size']} B requests, R1={echo['r1']} R2={echo['r2']} per client)",
+        ]
+        width = max(len(n) for n in report["contenders"])
+        for r in report["echo_results"]:
+            value = _human(r["instructions_per_request"])
+            if r["contender"] != BASELINE and r["ratio"] is not None:
+                value += f" ({r['ratio']:.2f}x)"
+            lines.append(f"{r['contender'].ljust(width)}  {value}")
+    return "\n".join(lines)
 
 
 def _counts(text: str) -> tuple[int, int, int]:
@@ -296,11 +485,22 @@ def _counts(text: str) -> tuple[int, int, int]:
     return size, n1, n2
 
 
+def _echo(text: str) -> tuple[int, int, int]:
+    try:
+        clients, r1, r2 = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CLIENTS:R1:R2, got {text!r}") from None
+    if clients < 1 or r1 < 1 or r2 <= r1:
+        raise argparse.ArgumentTypeError(f"need CLIENTS >= 1 and 1 <= R1 < R2, got {text!r}")
+    return clients, r1, r2
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_counts = " ".join(f"{s}:{a}:{b}" for s, a, b in DEFAULT_COUNTS)
     parser = argparse.ArgumentParser(
         prog="python -m trio_uring.bench.callgrind",
-        description="Count user-space instructions per send_all with valgrind's callgrind.",
+        description="Count user-space instructions per send_all, and per echo request, "
+        "with valgrind's callgrind.",
     )
     parser.add_argument(
         "--contenders",
@@ -313,6 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SIZE:N1:N2",
         help=f"payload size and the two call counts, repeatable; default {default_counts}",
+    )
+    parser.add_argument(
+        "--echo",
+        type=_echo,
+        default=DEFAULT_ECHO,
+        metavar="CLIENTS:R1:R2",
+        help="echo clients and the two request counts per client; default "
+        + ":".join(str(x) for x in DEFAULT_ECHO),
+    )
+    parser.add_argument(
+        "--no-echo", action="store_true", help="count send_all only, not echo requests"
     )
     parser.add_argument(
         "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time"
@@ -344,8 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     if sink.kind != csink.C:
         print(f"sink: {sink.detail}", file=sys.stderr)
     started = datetime.datetime.now(datetime.timezone.utc)
+    jobs = max(1, args.jobs)
     with sink_process(sink) as port:
-        results, errors = measure(names, counts, config, port, max(1, args.jobs), valgrind, python)
+        results, errors = measure(names, counts, config, port, jobs, valgrind, python)
+    echo_results: list[dict[str, Any]] = []
+    if not args.no_echo:
+        echo_results, echo_errors = measure_echo(names, args.echo, config, jobs, valgrind, python)
+        errors += echo_errors
     report = {
         "schema": SCHEMA,
         "command": ["python", "-m", "trio_uring.bench.callgrind", *raw_argv],
@@ -364,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "errors": errors,
         "results": results,
+        "echo": None
+        if args.no_echo
+        else dict(zip(("clients", "r1", "r2"), args.echo, strict=True), size=config.echo_size),
+        "echo_results": echo_results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / REPORT_NAME
