@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +181,16 @@ def run_one(run: Run, valgrind: str, python: str, port: int, config: Config, wor
         env=env,
         timeout=600,
     )
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("==")]
-        raise RuntimeError((lines or ["no output"])[-1] + f" (exit status {proc.returncode})")
+    return _total_of(proc.returncode, proc.stderr, out)
+
+
+def _total_of(returncode: int, stderr: str, out: Path) -> int:
+    """The total of a finished callgrind run (its output file removed), or
+    the program's last line of error output as a ``RuntimeError``."""
     try:
+        if returncode != 0:
+            lines = [ln for ln in stderr.splitlines() if not ln.startswith("==")]
+            raise RuntimeError((lines or ["no output"])[-1] + f" (exit status {returncode})")
         return parse_total(out.read_text())
     finally:
         out.unlink(missing_ok=True)
@@ -284,13 +291,36 @@ def run_echo(
         finally:
             if proc.poll() is None:
                 proc.kill()
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.read().splitlines() if not ln.startswith("==")]
-            raise RuntimeError((lines or ["no output"])[-1] + f" (exit status {proc.returncode})")
-    try:
-        return parse_total(out.read_text())
-    finally:
-        out.unlink(missing_ok=True)
+        return _total_of(proc.returncode, proc.stderr.read(), out)
+
+
+def _run_all(
+    runs: list[Any], run: Callable[[Any, Path], int], describe: Callable[[Any], str], jobs: int
+) -> tuple[dict[Any, int], list[dict[str, str]]]:
+    """``run(r, workdir)`` for every run, ``jobs`` at a time, with a progress
+    line each; the totals of those that completed, and the errors."""
+    totals: dict[Any, int] = {}
+    errors: list[dict[str, str]] = []
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="trio_uring-callgrind-") as tmp:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(run, r, Path(tmp)): r for r in runs}
+            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                r = futures[future]
+                what = describe(r)
+                try:
+                    totals[r] = future.result()
+                    detail = f"{totals[r]:,} Ir"
+                except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+                    errors.append({"contender": r.contender, "run": what, "error": str(exc)})
+                    detail = f"FAILED: {exc}"
+                elapsed = time.monotonic() - start
+                print(
+                    f"[{i}/{len(runs)} {elapsed:4.0f}s] {r.contender} {what}: {detail}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return totals, errors
 
 
 def measure_echo(
@@ -304,30 +334,12 @@ def measure_echo(
     """Two echo runs per contender; the instructions per request of each."""
     clients, r1, r2 = echo
     runs = [EchoRun(name, r) for name in names for r in (r1, r2)]
-    totals: dict[EchoRun, int] = {}
-    errors: list[dict[str, str]] = []
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="trio_uring-callgrind-") as tmp:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {
-                pool.submit(run_echo, r, valgrind, python, clients, config, Path(tmp)): r
-                for r in runs
-            }
-            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                r = futures[future]
-                what = f"echo, {r.requests} requests per client"
-                try:
-                    totals[r] = future.result()
-                    detail = f"{totals[r]:,} Ir"
-                except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
-                    errors.append({"contender": r.contender, "run": what, "error": str(exc)})
-                    detail = f"FAILED: {exc}"
-                elapsed = time.monotonic() - start
-                print(
-                    f"[{i}/{len(runs)} {elapsed:4.0f}s] {r.contender} {what}: {detail}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    totals, errors = _run_all(
+        runs,
+        lambda r, workdir: run_echo(r, valgrind, python, clients, config, workdir),
+        lambda r: f"echo, {r.requests} requests per client",
+        jobs,
+    )
     results = []
     for name in names:
         low, high = EchoRun(name, r1), EchoRun(name, r2)
@@ -363,29 +375,12 @@ def measure(
     """Run every planned run (``jobs`` at a time); return the results per
     (contender, size) and the errors."""
     runs = plan_runs(names, counts)
-    totals: dict[Run, int] = {}
-    errors: list[dict[str, str]] = []
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="trio_uring-callgrind-") as tmp:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {
-                pool.submit(run_one, r, valgrind, python, port, config, Path(tmp)): r for r in runs
-            }
-            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                r = futures[future]
-                what = "base" if r.measures is None else f"N2 at {size_label(r.measures)}"
-                try:
-                    totals[r] = future.result()
-                    detail = f"{totals[r]:,} Ir"
-                except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
-                    errors.append({"contender": r.contender, "run": what, "error": str(exc)})
-                    detail = f"FAILED: {exc}"
-                elapsed = time.monotonic() - start
-                print(
-                    f"[{i}/{len(runs)} {elapsed:4.0f}s] {r.contender} {what}: {detail}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    totals, errors = _run_all(
+        runs,
+        lambda r, workdir: run_one(r, valgrind, python, port, config, workdir),
+        lambda r: "base" if r.measures is None else f"N2 at {size_label(r.measures)}",
+        jobs,
+    )
     results = []
     by_key = {(r.contender, r.measures): r for r in runs}
     for name in names:
@@ -475,24 +470,27 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _counts(text: str) -> tuple[int, int, int]:
+def _three_counts(text: str, form: str, least: int, least_low: int) -> tuple[int, int, int]:
+    """Parse ``A:LOW:HIGH`` (named as in ``form``): ``A >= least`` and
+    ``least_low <= LOW < HIGH``."""
+    name, low_name, high_name = form.split(":")
     try:
-        size, n1, n2 = (int(x) for x in text.split(":"))
+        first, low, high = (int(x) for x in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected SIZE:N1:N2, got {text!r}") from None
-    if size < 1 or n1 < 0 or n2 <= n1:
-        raise argparse.ArgumentTypeError(f"need SIZE >= 1 and 0 <= N1 < N2, got {text!r}")
-    return size, n1, n2
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}") from None
+    if first < least or low < least_low or high <= low:
+        raise argparse.ArgumentTypeError(
+            f"need {name} >= {least} and {least_low} <= {low_name} < {high_name}, got {text!r}"
+        )
+    return first, low, high
+
+
+def _counts(text: str) -> tuple[int, int, int]:
+    return _three_counts(text, "SIZE:N1:N2", 1, 0)
 
 
 def _echo(text: str) -> tuple[int, int, int]:
-    try:
-        clients, r1, r2 = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected CLIENTS:R1:R2, got {text!r}") from None
-    if clients < 1 or r1 < 1 or r2 <= r1:
-        raise argparse.ArgumentTypeError(f"need CLIENTS >= 1 and 1 <= R1 < R2, got {text!r}")
-    return clients, r1, r2
+    return _three_counts(text, "CLIENTS:R1:R2", 1, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
