@@ -1,6 +1,6 @@
 """Instructions per ``send_all``, and per echo request, counted by callgrind.
 
-python -m trio_uring.bench.callgrind                        # about four minutes
+python -m trio_uring.bench.callgrind                        # about five minutes
 python -m trio_uring.bench.callgrind --contenders trio,zc:auto --counts 4096:100:300 --no-echo
 
 Wall-clock figures move with whatever else runs on a shared machine; the
@@ -171,14 +171,11 @@ def run_one(run: Run, valgrind: str, python: str, port: int, config: Config, wor
         "slice_size": config.slice_size,
     }
     out = workdir / f"callgrind.{os.getpid()}.{time.monotonic_ns()}.out"
-    # A fixed hash seed: dict and set layouts, and so the instructions that
-    # walk them, are then the same in both runs of a difference.
-    env = dict(os.environ, PYTHONHASHSEED="0")
     proc = subprocess.run(
         _valgrind_command(valgrind, python, out, "trio_uring.bench.counted_send", job),
         capture_output=True,
         text=True,
-        env=env,
+        env=_valgrind_env(),
         timeout=600,
     )
     return _total_of(proc.returncode, proc.stderr, out)
@@ -194,6 +191,13 @@ def _total_of(returncode: int, stderr: str, out: Path) -> int:
         return parse_total(out.read_text())
     finally:
         out.unlink(missing_ok=True)
+
+
+def _valgrind_env() -> dict[str, str]:
+    """The environment of a counted program: a fixed hash seed, so that dict
+    and set layouts, and the instructions that walk them, are the same in
+    both runs of a difference."""
+    return dict(os.environ, PYTHONHASHSEED="0")
 
 
 def _valgrind_command(
@@ -279,7 +283,7 @@ def run_echo(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PYTHONHASHSEED="0"),
+        env=_valgrind_env(),
     ) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         try:
