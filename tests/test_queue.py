@@ -350,14 +350,56 @@ def test_write_crosses_slices_through_new_tail() -> None:
     assert sorted(queue.refs) == [1, 1, 1, 2]
 
 
-def test_an_error_choosing_the_next_slice_propagates_from_write() -> None:
-    class Failing(OutboundQueue):
-        __slots__ = ()
+def test_write_takes_no_slice_while_tasks_queue_for_slices() -> None:
+    # The arena serves tasks in order: a queue writing outside the arena's
+    # waiters must not take the slice a queued task is owed.
+    arena = RegisteredArena(4 * 64, 64)
+    queue = OutboundQueue(arena, 4)
+    granted: list[list[int]] = []
+    arena.request(1, granted.append)
+    assert queue.write(b"x" * 10) == 0 and queue.held == 0 and not queue.unsent
+    arena.serve()
+    assert granted == [[0]]
+    assert queue.write(b"x" * 10) == 10 and queue.held == 1
 
-        def _new_tail(self) -> bool:
-            raise RuntimeError("no slice for you")
 
-    queue = Failing(RegisteredArena(4 * 64, 64), 4)
-    with pytest.raises(RuntimeError, match="no slice for you"):
-        queue.write(b"x")
-    assert queue.nbytes == 0 and not queue.unsent
+def test_a_slice_a_queue_lets_go_of_goes_to_the_tasks_queued_for_slices() -> None:
+    arena = RegisteredArena(2 * 64, 64)
+    queue = OutboundQueue(arena, 2)
+    assert queue.write(bytes(128)) == 128 and arena.free_count == 0
+    granted: list[list[int]] = []
+    arena.request(1, granted.append)
+    first = queue.take(1)  # the full first slice; the second is the tail
+    queue.release(first)
+    assert granted == [[first[0][2]]] and queue.held == 1
+    queue.consume(queue.nbytes)
+    assert queue.held == 0 and arena.free_count == 1 and set(queue.refs) == {0}
+
+
+def test_on_free_hears_of_every_slice_returned_and_every_release() -> None:
+    queue = make_queue(n_slices=4, slice_size=64, limit=4)
+    calls: list[int] = []
+    queue.on_free = lambda: calls.append(queue.held)
+    queue.write(bytes(100))
+    segments = queue.take(10)
+    queue.release(segments)
+    # The full first slice, then the idle tail, went back; then the release itself.
+    assert calls == [1, 0, 0]
+    queue.on_free = None
+    queue.write(bytes(10))
+    queue.consume(10)
+    assert calls == [1, 0, 0] and queue.held == 0
+
+
+def test_miscounted_slices_and_bytes_raise_instead_of_corrupting_the_counts() -> None:
+    queue = make_queue()
+    queue.write(b"abc")
+    with pytest.raises(ValueError, match="more bytes than are queued"):
+        queue.consume(4)
+    slice_id = queue.tail
+    queue.consume(3)  # the idle tail went back to the arena with them
+    assert queue.refs[slice_id] == 0 and queue.held == 0
+    with pytest.raises(RuntimeError, match="released more often"):
+        queue.unref(slice_id)
+    with pytest.raises(IndexError):
+        queue.unref(99)

@@ -186,10 +186,13 @@ class RegisteredArena:
         self.view = memoryview(self.memory)
         self.cdata = ffi.from_buffer(self.memory)
         self.base: int = int(ffi.cast("uintptr_t", self.cdata))
-        # Free slices, taken last in first out: the slice released last is
-        # the one most likely still in the CPU's caches.
-        self._free: list[int] = list(range(n_slices - 1, -1, -1))
-        self._waiters: deque[_Ticket] = deque()
+        #: Free slices, taken last in first out: the slice released last is
+        #: the one most likely still in the CPU's caches.  The outbound
+        #: queues' C core takes from and returns to this list directly, by
+        #: the rules of ``acquire`` and ``serve``.
+        self.free_slices: list[int] = list(range(n_slices - 1, -1, -1))
+        #: Tasks queued for slices (``request``), served first come first served.
+        self.waiters: deque[_Ticket] = deque()
         #: References to each slice, kept by the outbound queues (``_queue``).
         self.refs = [0] * n_slices
         #: Bytes copied in user space into this memory: by the outbound
@@ -199,61 +202,50 @@ class RegisteredArena:
 
     @property
     def free_count(self) -> int:
-        return len(self._free)
+        return len(self.free_slices)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self.waiters)
 
     @property
     def available(self) -> bool:
         """True when ``acquire`` would hand out a slice now."""
-        return bool(self._free) and not self._waiters
+        return bool(self.free_slices) and not self.waiters
 
     def acquire(self, max_slices: int) -> list[int]:
         """Take up to ``max_slices`` free slices now; [] if none or others queue first."""
-        if self._waiters or not self._free:
+        if self.waiters or not self.free_slices:
             return []
         return self._take(max_slices)
 
-    def take_one(self) -> int:
-        """One free slice now, or -1 if none is free or others queue first
-        (``acquire(1)`` without the list, for the queue's hot path)."""
-        if self._waiters or not self._free:
-            return -1
-        return self._free.pop()
-
     def _take(self, max_slices: int) -> list[int]:
-        free = self._free
+        free = self.free_slices
         n = min(max_slices, len(free))
         return [free.pop() for _ in range(n)]
 
     def request(self, max_slices: int, grant: Callable[[list[int]], None]) -> _Ticket:
         """Queue for slices; ``grant(slices)`` is called once some are released."""
         ticket = _Ticket(max_slices, grant)
-        self._waiters.append(ticket)
+        self.waiters.append(ticket)
         return ticket
 
     def withdraw(self, ticket: _Ticket) -> None:
         """Leave the queue (the waiter was cancelled before being granted)."""
         try:
-            self._waiters.remove(ticket)
+            self.waiters.remove(ticket)
         except ValueError:
             pass
-        self._serve()
+        self.serve()
 
     def release(self, slices: Iterable[int]) -> None:
-        self._free.extend(slices)
-        self._serve()
+        self.free_slices.extend(slices)
+        self.serve()
 
-    def release_one(self, slice_id: int) -> None:
-        self._free.append(slice_id)
-        if self._waiters:
-            self._serve()
-
-    def _serve(self) -> None:
-        while self._waiters and self._free:
-            ticket = self._waiters.popleft()
+    def serve(self) -> None:
+        """Hand free slices to the tasks queued for them, in order."""
+        while self.waiters and self.free_slices:
+            ticket = self.waiters.popleft()
             ticket.grant(self._take(ticket.max_slices))
 
 

@@ -25,7 +25,7 @@ them.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from ._buffers import RegisteredArena
@@ -48,34 +48,59 @@ class OutboundQueue(QueueCore):
     tail may then be rewound).
     """
 
-    __slots__ = ("arena", "byte_limit", "held", "limit", "on_free", "reserved", "view")
+    __slots__ = ("arena", "byte_limit", "reserved", "view")
 
     def __init__(
         self, arena: RegisteredArena, limit: int, on_free: Callable[[], None] | None = None
     ) -> None:
-        super().__init__(arena.view, arena.slice_size, arena.refs, deque(), arena.copied)
+        super().__init__(
+            arena.view,
+            arena.slice_size,
+            arena.refs,
+            deque(),
+            arena.free_slices,
+            arena.waiters,
+            arena.serve,
+            limit,
+            arena.copied,
+        )
         self.arena = arena
         self.view = arena.view
-        self.limit = limit
         #: The share in bytes: what bytes that take no slice (held by
         #: reference, registered content) may queue before ``send_all`` waits.
         self.byte_limit = limit * arena.slice_size
         self.on_free = on_free
-        #: Slices this queue holds (tail, queued, or read by a request in flight).
-        self.held = 0
         #: The slice ``reserve`` counted once more, until commit or unreserve.
         self.reserved = -1
 
-    # -- writing ----------------------------------------------------------------
-    # ``write(data, pos=0)`` (copy ``data[pos:]`` into the queue as far as it
-    # fits without waiting for a slice; return the position reached),
-    # ``_append(start, nbytes)`` (queue ``nbytes`` just written at the tail's
-    # fill point, extending the last segment when it ends there) and
-    # ``hold(data)`` (queue a ``bytes`` object by reference) are
-    # ``QueueCore``'s, in C: they run for every queued message.  When the
-    # tail is full, ``write`` asks ``_new_tail`` below for the next slice.
-    # ``copied`` counts the bytes ``write`` copied (``arena.copied`` those
-    # of every queue).
+    # -- in C ---------------------------------------------------------------------
+    # ``QueueCore`` has what runs for every queued message or every slice:
+    #
+    # - ``write(data, pos=0)``: copy ``data[pos:]`` into the queue as far as it
+    #   fits without waiting for a slice; return the position reached.
+    # - ``_append(start, nbytes)``: queue ``nbytes`` just written at the
+    #   tail's fill point, extending the last segment when it ends there.
+    # - ``hold(data)``: queue a ``bytes`` object by reference.
+    # - ``_new_tail(granted=-1)``: drop the full tail and make ``granted``
+    #   (just taken from the arena) or else a free slice the tail; False if
+    #   none may be taken (the queue holds ``limit`` slices, or the arena has
+    #   none, or tasks queue for slices first).  ``write`` calls it every
+    #   ``slice_size`` bytes.
+    # - ``unref(owner)``: drop one count of a segment's owner: a slice (back
+    #   to the arena at zero), registered content, or held bytes (nothing).
+    # - ``consume(nbytes)``: the first ``nbytes`` queued bytes were copied by
+    #   the kernel (a plain send): drop them, releasing slices nothing else
+    #   reads.
+    # - ``release(segments)``: a request that read ``segments`` is done with
+    #   them.
+    # - ``_drop_idle_tail()``: nothing is queued and nothing reads the tail:
+    #   return it.
+    #
+    # ``held`` counts the slices this queue holds (tail, queued, or read by a
+    # request in flight), ``limit`` the most it may hold, and ``copied`` the
+    # bytes ``write`` copied (``arena.copied`` those of every queue).
+    # ``on_free``, when not None, is called whenever a slice went back to the
+    # arena or a request let go of its slices.
     #
     # ``hold`` is only for strategies under which the kernel copies at send
     # time: ``bytes`` are immutable and never move, so holding the object is
@@ -115,34 +140,6 @@ class OutboundQueue(QueueCore):
         self.held -= 1
         self.tail = -1
         self.fill = 0
-
-    def _drop_idle_tail(self) -> None:
-        """Nothing is queued and nothing reads the tail: return it."""
-        tail = self.tail
-        if tail >= 0 and not self.nbytes and self.refs[tail] == 1:
-            self.tail = -1
-            self.fill = 0
-            self.unref(tail)
-
-    def _new_tail(self, granted: int = -1) -> bool:
-        """Drop the full tail and make the next slice the tail: ``granted``
-        (just taken from the arena) or else a free one; False if none may
-        be taken.  ``write`` calls this, in C, every ``slice_size`` bytes."""
-        if self.tail >= 0:
-            old, self.tail = self.tail, -1
-            self.unref(old)
-        if granted < 0:
-            if self.held >= self.limit:
-                return False
-            granted = self.arena.take_one()
-            if granted < 0:
-                return False
-        self.refs[granted] = 1
-        self.held += 1
-        self.tail = granted
-        self.tail_offset = granted * self.slice_size
-        self.fill = 0
-        return True
 
     def adopt(self, slice_id: int) -> None:
         """Make ``slice_id`` (just taken from the arena) the new tail."""
@@ -212,23 +209,6 @@ class OutboundQueue(QueueCore):
         self.nbytes -= nbytes
         return run
 
-    def consume(self, nbytes: int) -> None:
-        """The first ``nbytes`` queued bytes were copied by the kernel (a
-        plain send): drop them, releasing slices nothing else reads."""
-        unsent = self.unsent
-        self.nbytes -= nbytes
-        while nbytes:
-            seg = unsent[0]
-            if seg[1] > nbytes:
-                seg[0] += nbytes
-                seg[1] -= nbytes
-                return
-            nbytes -= seg[1]
-            unsent.popleft()
-            if seg[2].__class__ is not bytes:  # held bytes hold no count
-                self.unref(seg[2])
-        self._drop_idle_tail()
-
     def requeue(self, segments: list[Segment], sent: int) -> None:
         """A request that took ``segments`` sent only ``sent`` bytes: put the
         rest back in front, in order, with counts of its own (the request
@@ -249,28 +229,6 @@ class OutboundQueue(QueueCore):
                 owner.ref()
         self.unsent.extendleft(reversed(rest))
         self.nbytes += sum(s[1] for s in rest)
-
-    def release(self, segments: Iterable[Segment]) -> None:
-        """A request that read ``segments`` is done with them."""
-        for seg in segments:
-            self.unref(seg[2])
-        self._drop_idle_tail()
-        if self.on_free is not None:
-            self.on_free()
-
-    def unref(self, slice_id: Any) -> None:
-        if slice_id.__class__ is not int:
-            if slice_id.__class__ is not bytes:
-                slice_id.unref()  # registered content
-            return
-        refs = self.refs
-        count = refs[slice_id] - 1
-        refs[slice_id] = count
-        if not count:
-            self.held -= 1
-            self.arena.release_one(slice_id)
-            if self.on_free is not None:
-                self.on_free()
 
     def clear(self) -> None:
         """Drop everything queued and the tail (the stream is closing).

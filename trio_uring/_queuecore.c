@@ -1,4 +1,4 @@
-/* The copy at the heart of send_all, as a CPython type.
+/* The copy at the heart of send_all, and a slice's life, as a CPython type.
  *
  * QueueCore holds the fields of an outbound queue's tail (which slice,
  * where in the arena, how full) and the operations every queued byte goes
@@ -6,11 +6,19 @@
  * queued segment, or (hold) record a bytes object by reference.  It counts
  * the bytes it copied, per queue and, through an optional shared int64,
  * for every queue of the arena: counting here costs nothing, where Python
- * counters cost every message two attribute updates.  Everything else
- * about the queue (which slice to take next, reference counts dropped by
- * requests, requeueing after a short send) is policy, and lives in the
- * Python subclass OutboundQueue (_queue.py), which this code calls back
- * only for the next slice (_new_tail).
+ * counters cost every message two attribute updates.
+ *
+ * It also keeps the reference counts that gate a slice's reuse: taking the
+ * next tail slice from the arena's free list, dropping a count when a
+ * request or a plain send is done with a segment, and returning a slice to
+ * the free list when its count reaches zero.  These run once per slice,
+ * every few small messages, and in Python they were most of what a slice
+ * cost.  The arena's own rules stay in Python (_buffers.py) and are called
+ * from here: a slice is taken only while no task queues for slices, and a
+ * released slice goes to the tasks queueing first (the arena's _serve).
+ * Everything else about the queue (requests taking segments, requeueing
+ * after a short send, reserve and commit) lives in the Python subclass
+ * OutboundQueue (_queue.py).
  *
  * Written against the CPython API rather than the cffi shim because a cffi
  * call costs a few thousand instructions, as much as the Python it would
@@ -33,22 +41,35 @@ typedef struct {
     PyObject *refs;       /* list: references to each slice (the arena's) */
     long long copied;     /* bytes write() copied into the arena */
     Py_buffer total;      /* optional: one int64 that every queue adds its copies to */
+    Py_ssize_t held;      /* slices this queue holds: tail, queued, or read in flight */
+    Py_ssize_t limit;     /* the most slices it may hold (its share of the arena) */
+    PyObject *free;       /* list: the arena's free slices, taken from the end */
+    PyObject *waiters;    /* the arena's queue of tasks waiting for slices */
+    PyObject *serve;      /* the arena's _serve(): hands released slices to waiters */
+    PyObject *on_free;    /* called when this queue may have gained room, or None */
 } QueueCore;
 
-static PyObject *str_new_tail;
 static PyObject *str_append;
+static PyObject *str_popleft;
+static PyObject *str_unref;
 
 static int
 QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"arena", "slice_size", "refs", "unsent", "copied_total", NULL};
-    PyObject *arena, *refs, *unsent, *total = Py_None;
-    Py_ssize_t slice_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnO!O|O", kwlist, &arena, &slice_size,
-                                     &PyList_Type, &refs, &unsent, &total))
+    static char *kwlist[] = {"arena", "slice_size", "refs", "unsent", "free", "waiters",
+                             "serve", "limit", "copied_total", NULL};
+    PyObject *arena, *refs, *unsent, *free, *waiters, *serve, *total = Py_None;
+    Py_ssize_t slice_size, limit;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnO!OO!OOn|O", kwlist, &arena, &slice_size,
+                                     &PyList_Type, &refs, &unsent, &PyList_Type, &free,
+                                     &waiters, &serve, &limit, &total))
         return -1;
     if (slice_size <= 0) {
         PyErr_SetString(PyExc_ValueError, "slice_size must be positive");
+        return -1;
+    }
+    if (!PyCallable_Check(serve)) {
+        PyErr_SetString(PyExc_TypeError, "serve must be callable");
         return -1;
     }
     if (self->arena.obj != NULL)
@@ -80,10 +101,20 @@ QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
     self->tail_offset = 0;
     self->fill = 0;
     self->nbytes = 0;
+    self->held = 0;
+    self->limit = limit;
     Py_INCREF(refs);
     Py_XSETREF(self->refs, refs);
     Py_INCREF(unsent);
     Py_XSETREF(self->unsent, unsent);
+    Py_INCREF(free);
+    Py_XSETREF(self->free, free);
+    Py_INCREF(waiters);
+    Py_XSETREF(self->waiters, waiters);
+    Py_INCREF(serve);
+    Py_XSETREF(self->serve, serve);
+    Py_INCREF(Py_None);
+    Py_XSETREF(self->on_free, Py_None);
     return 0;
 }
 
@@ -92,6 +123,10 @@ QueueCore_traverse(QueueCore *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->unsent);
     Py_VISIT(self->refs);
+    Py_VISIT(self->free);
+    Py_VISIT(self->waiters);
+    Py_VISIT(self->serve);
+    Py_VISIT(self->on_free);
     /* The arena's buffer is not visited: nothing in it refers back to a
      * queue, and a collection must never release it while a queue lives. */
     return 0;
@@ -102,6 +137,10 @@ QueueCore_clear(QueueCore *self)
 {
     Py_CLEAR(self->unsent);
     Py_CLEAR(self->refs);
+    Py_CLEAR(self->free);
+    Py_CLEAR(self->waiters);
+    Py_CLEAR(self->serve);
+    Py_CLEAR(self->on_free);
     return 0;
 }
 
@@ -117,22 +156,299 @@ QueueCore_dealloc(QueueCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* refs[slice] += 1 */
-static int
-add_ref(QueueCore *self, Py_ssize_t slice)
+/* refs[slice] += delta; the new count, or -1 with an exception set. */
+static Py_ssize_t
+change_ref(QueueCore *self, Py_ssize_t slice, Py_ssize_t delta)
 {
-    if (slice < 0 || slice >= PyList_GET_SIZE(self->refs)) {
-        PyErr_SetString(PyExc_IndexError, "tail slice outside the arena");
+    if (self->refs == NULL || slice < 0 || slice >= PyList_GET_SIZE(self->refs)) {
+        PyErr_SetString(PyExc_IndexError, "slice outside the arena");
         return -1;
     }
     Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(self->refs, slice));
     if (count == -1 && PyErr_Occurred())
         return -1;
-    PyObject *value = PyLong_FromSsize_t(count + 1);
+    count += delta;
+    if (count < 0) {
+        PyErr_Format(PyExc_RuntimeError, "slice %zd released more often than it was counted",
+                     slice);
+        return -1;
+    }
+    PyObject *value = PyLong_FromSsize_t(count);
     if (value == NULL)
         return -1;
     PyList_SetItem(self->refs, slice, value); /* steals value */
+    return count;
+}
+
+/* This queue may have gained room: tell on_free, if anyone listens. */
+static int
+notify_free(QueueCore *self)
+{
+    if (self->on_free == NULL || self->on_free == Py_None)
+        return 0;
+    PyObject *rc = PyObject_CallNoArgs(self->on_free);
+    if (rc == NULL)
+        return -1;
+    Py_DECREF(rc);
     return 0;
+}
+
+static Py_ssize_t
+waiting_for_slices(QueueCore *self)
+{
+    if (self->waiters == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the queue was not initialised");
+        return -1;
+    }
+    return PyObject_Length(self->waiters);
+}
+
+/* Drop one count of slice; at zero the slice goes back to the arena's
+ * free list (to the tasks queueing for slices first, by the arena's rule). */
+static int
+unref_slice(QueueCore *self, Py_ssize_t slice)
+{
+    Py_ssize_t count = change_ref(self, slice, -1);
+    if (count < 0)
+        return -1;
+    if (count)
+        return 0;
+    self->held -= 1;
+    PyObject *id = PyLong_FromSsize_t(slice);
+    if (id == NULL)
+        return -1;
+    int rc = PyList_Append(self->free, id);
+    Py_DECREF(id);
+    if (rc < 0)
+        return -1;
+    Py_ssize_t waiting = waiting_for_slices(self);
+    if (waiting < 0)
+        return -1;
+    if (waiting) {
+        PyObject *got = PyObject_CallNoArgs(self->serve);
+        if (got == NULL)
+            return -1;
+        Py_DECREF(got);
+    }
+    return notify_free(self);
+}
+
+/* A segment's owner is done with: a slice id (a count), registered content
+ * (its own count), or a caller's bytes held by reference (nothing). */
+static int
+unref_owner(QueueCore *self, PyObject *owner)
+{
+    if (PyLong_CheckExact(owner)) {
+        Py_ssize_t slice = PyLong_AsSsize_t(owner);
+        if (slice == -1 && PyErr_Occurred())
+            return -1;
+        return unref_slice(self, slice);
+    }
+    if (PyBytes_CheckExact(owner))
+        return 0;
+    PyObject *rc = PyObject_CallMethodNoArgs(owner, str_unref);
+    if (rc == NULL)
+        return -1;
+    Py_DECREF(rc);
+    return 0;
+}
+
+/* Nothing is queued and nothing but the tail role counts the tail: return it,
+ * so that an idle stream holds no slice. */
+static int
+drop_idle_tail(QueueCore *self)
+{
+    Py_ssize_t tail = self->tail;
+    if (tail < 0 || self->nbytes)
+        return 0;
+    if (self->refs == NULL || tail >= PyList_GET_SIZE(self->refs)) {
+        PyErr_SetString(PyExc_IndexError, "tail slice outside the arena");
+        return -1;
+    }
+    Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(self->refs, tail));
+    if (count == -1 && PyErr_Occurred())
+        return -1;
+    if (count != 1)
+        return 0;
+    self->tail = -1;
+    self->fill = 0;
+    return unref_slice(self, tail);
+}
+
+/* Drop the full tail and make the next slice the tail: granted (just taken
+ * from the arena) or else the free slice taken last, if this queue is under
+ * its limit and no task queues for slices.  1: done; 0: no slice may be
+ * taken now; -1: error. */
+static int
+new_tail(QueueCore *self, Py_ssize_t granted)
+{
+    if (self->tail >= 0) {
+        Py_ssize_t old = self->tail;
+        self->tail = -1;
+        if (unref_slice(self, old) < 0)
+            return -1;
+    }
+    if (granted < 0) {
+        if (self->held >= self->limit)
+            return 0;
+        Py_ssize_t waiting = waiting_for_slices(self);
+        if (waiting < 0)
+            return -1;
+        Py_ssize_t n = PyList_GET_SIZE(self->free);
+        if (waiting || !n)
+            return 0;
+        granted = PyLong_AsSsize_t(PyList_GET_ITEM(self->free, n - 1));
+        if (granted == -1 && PyErr_Occurred())
+            return -1;
+        if (PyList_SetSlice(self->free, n - 1, n, NULL) < 0)
+            return -1;
+    }
+    if (self->refs == NULL || granted >= PyList_GET_SIZE(self->refs)) {
+        PyErr_SetString(PyExc_IndexError, "slice outside the arena");
+        return -1;
+    }
+    PyObject *one = PyLong_FromSsize_t(1);
+    if (one == NULL)
+        return -1;
+    PyList_SetItem(self->refs, granted, one); /* steals one */
+    self->held += 1;
+    self->tail = granted;
+    self->tail_offset = granted * self->slice_size;
+    self->fill = 0;
+    return 1;
+}
+
+static PyObject *
+QueueCore_new_tail(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t granted = -1;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "_new_tail(granted=-1) takes at most one argument");
+        return NULL;
+    }
+    if (nargs == 1) {
+        granted = PyLong_AsSsize_t(args[0]);
+        if (granted == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    int ok = new_tail(self, granted);
+    if (ok < 0)
+        return NULL;
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *
+QueueCore_unref(QueueCore *self, PyObject *owner)
+{
+    if (unref_owner(self, owner) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+QueueCore_drop_idle_tail(QueueCore *self, PyObject *Py_UNUSED(ignored))
+{
+    if (drop_idle_tail(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* A segment's field as a Py_ssize_t (segments are [offset, length, owner]). */
+static int
+segment_field(PyObject *segment, Py_ssize_t i, Py_ssize_t *out)
+{
+    if (!PyList_CheckExact(segment) || PyList_GET_SIZE(segment) != 3) {
+        PyErr_SetString(PyExc_TypeError, "a queued segment is a list [offset, length, owner]");
+        return -1;
+    }
+    *out = PyLong_AsSsize_t(PyList_GET_ITEM(segment, i));
+    if (*out == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+static int
+set_segment_field(PyObject *segment, Py_ssize_t i, Py_ssize_t value)
+{
+    PyObject *v = PyLong_FromSsize_t(value);
+    if (v == NULL)
+        return -1;
+    PyList_SetItem(segment, i, v); /* steals v */
+    return 0;
+}
+
+static PyObject *
+QueueCore_consume(QueueCore *self, PyObject *arg)
+{
+    Py_ssize_t nbytes = PyLong_AsSsize_t(arg);
+    if (nbytes == -1 && PyErr_Occurred())
+        return NULL;
+    if (nbytes < 0 || nbytes > self->nbytes) {
+        PyErr_SetString(PyExc_ValueError, "consume() of more bytes than are queued");
+        return NULL;
+    }
+    self->nbytes -= nbytes;
+    while (nbytes) {
+        PyObject *segment = PySequence_GetItem(self->unsent, 0);
+        if (segment == NULL)
+            return NULL;
+        Py_ssize_t offset, length;
+        if (segment_field(segment, 0, &offset) < 0 || segment_field(segment, 1, &length) < 0) {
+            Py_DECREF(segment);
+            return NULL;
+        }
+        if (length > nbytes) {
+            int rc = set_segment_field(segment, 0, offset + nbytes);
+            if (rc == 0)
+                rc = set_segment_field(segment, 1, length - nbytes);
+            Py_DECREF(segment);
+            if (rc < 0)
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        nbytes -= length;
+        PyObject *popped = PyObject_CallMethodNoArgs(self->unsent, str_popleft);
+        if (popped == NULL) {
+            Py_DECREF(segment);
+            return NULL;
+        }
+        Py_DECREF(popped);
+        int rc = unref_owner(self, PyList_GET_ITEM(segment, 2));
+        Py_DECREF(segment);
+        if (rc < 0)
+            return NULL;
+    }
+    if (drop_idle_tail(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+QueueCore_release(QueueCore *self, PyObject *segments)
+{
+    PyObject *it = PyObject_GetIter(segments);
+    if (it == NULL)
+        return NULL;
+    PyObject *segment;
+    while ((segment = PyIter_Next(it)) != NULL) {
+        int rc = -1;
+        if (PyList_CheckExact(segment) && PyList_GET_SIZE(segment) == 3)
+            rc = unref_owner(self, PyList_GET_ITEM(segment, 2));
+        else
+            PyErr_SetString(PyExc_TypeError,
+                            "a queued segment is a list [offset, length, owner]");
+        Py_DECREF(segment);
+        if (rc < 0) {
+            Py_DECREF(it);
+            return NULL;
+        }
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    if (drop_idle_tail(self) < 0 || notify_free(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 /* Record nbytes just written at start, the tail's fill point: they extend
@@ -182,7 +498,7 @@ append_segment(QueueCore *self, Py_ssize_t start, Py_ssize_t nbytes)
     if (rc == NULL)
         return -1;
     Py_DECREF(rc);
-    if (add_ref(self, self->tail) < 0)
+    if (change_ref(self, self->tail, 1) < 0)
         return -1;
 done:
     self->fill += nbytes;
@@ -235,20 +551,11 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
     char *base = self->arena.buf;
     while (pos < total) {
         if (self->tail < 0 || self->fill == self->slice_size) {
-            /* Which slice comes next is the Python subclass's decision. */
-            PyObject *got = PyObject_CallMethodNoArgs((PyObject *)self, str_new_tail);
-            if (got == NULL)
-                goto error;
-            int ok = PyObject_IsTrue(got);
-            Py_DECREF(got);
+            int ok = new_tail(self, -1);
             if (ok < 0)
                 goto error;
             if (!ok)
                 break;
-            if (self->tail < 0 || self->fill == self->slice_size) {
-                PyErr_SetString(PyExc_RuntimeError, "_new_tail() gave no room");
-                goto error;
-            }
         }
         Py_ssize_t n = self->slice_size - self->fill;
         if (n > total - pos)
@@ -310,6 +617,19 @@ static PyMethodDef QueueCore_methods[] = {
      "_append(start, nbytes)\n\nQueue nbytes just written at start, the tail's fill point."},
     {"hold", (PyCFunction)QueueCore_hold, METH_O,
      "hold(data)\n\nQueue a bytes object by reference: no copy, no slice."},
+    {"_new_tail", (PyCFunction)(void (*)(void))QueueCore_new_tail, METH_FASTCALL,
+     "_new_tail(granted=-1) -> bool\n\nDrop the full tail and make granted, or else a free "
+     "slice, the tail; False if no slice may be taken now."},
+    {"unref", (PyCFunction)QueueCore_unref, METH_O,
+     "unref(owner)\n\nDrop one count of a segment's owner; a slice whose count reaches zero "
+     "goes back to the arena."},
+    {"_drop_idle_tail", (PyCFunction)QueueCore_drop_idle_tail, METH_NOARGS,
+     "_drop_idle_tail()\n\nNothing is queued and nothing reads the tail: return it."},
+    {"consume", (PyCFunction)QueueCore_consume, METH_O,
+     "consume(nbytes)\n\nThe first nbytes queued bytes were copied by the kernel (a plain "
+     "send): drop them, releasing slices nothing else reads."},
+    {"release", (PyCFunction)QueueCore_release, METH_O,
+     "release(segments)\n\nA request that read segments is done with them."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -322,6 +642,9 @@ static PyMemberDef QueueCore_members[] = {
     {"unsent", T_OBJECT_EX, offsetof(QueueCore, unsent), 0, NULL},
     {"refs", T_OBJECT_EX, offsetof(QueueCore, refs), READONLY, NULL},
     {"copied", T_LONGLONG, offsetof(QueueCore, copied), READONLY, NULL},
+    {"held", T_PYSSIZET, offsetof(QueueCore, held), 0, NULL},
+    {"limit", T_PYSSIZET, offsetof(QueueCore, limit), READONLY, NULL},
+    {"on_free", T_OBJECT, offsetof(QueueCore, on_free), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -330,7 +653,8 @@ static PyTypeObject QueueCoreType = {
     .tp_name = "trio_uring._queuecore.QueueCore",
     .tp_basicsize = sizeof(QueueCore),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "The tail of an outbound queue and the copy into it (see _queue.OutboundQueue).",
+    .tp_doc = "The tail of an outbound queue, the copy into it and its slices' reference "
+               "counts (see _queue.OutboundQueue).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)QueueCore_init,
     .tp_dealloc = (destructor)QueueCore_dealloc,
@@ -343,16 +667,18 @@ static PyTypeObject QueueCoreType = {
 static struct PyModuleDef queuecore_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "trio_uring._queuecore",
-    .m_doc = "The outbound queue's copy into registered memory (see _queue.py).",
+    .m_doc = "The outbound queue's copy into registered memory and its slices' counts "
+              "(see _queue.py).",
     .m_size = -1,
 };
 
 PyMODINIT_FUNC
 PyInit__queuecore(void)
 {
-    str_new_tail = PyUnicode_InternFromString("_new_tail");
     str_append = PyUnicode_InternFromString("append");
-    if (str_new_tail == NULL || str_append == NULL)
+    str_popleft = PyUnicode_InternFromString("popleft");
+    str_unref = PyUnicode_InternFromString("unref");
+    if (str_append == NULL || str_popleft == NULL || str_unref == NULL)
         return NULL;
     if (PyType_Ready(&QueueCoreType) < 0)
         return NULL;

@@ -1,4 +1,5 @@
 from collections import deque
+from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
 class QueueCore:
@@ -10,14 +11,26 @@ class QueueCore:
     unsent: deque[list[Any]]
     refs: list[int]
     copied: int
+    held: int
+    limit: int
+    on_free: Callable[[], object] | None
     def __init__(
         self,
         arena: memoryview,
         slice_size: int,
         refs: list[int],
         unsent: deque[list[Any]],
+        free: list[int],
+        waiters: Sized,
+        serve: Callable[[], object],
+        limit: int,
         copied_total: Any = None,
     ) -> None: ...
     def write(self, data: bytes | bytearray | memoryview, pos: int = 0) -> int: ...
     def _append(self, start: int, nbytes: int) -> None: ...
     def hold(self, data: bytes) -> None: ...
+    def _new_tail(self, granted: int = -1) -> bool: ...
+    def unref(self, owner: Any) -> None: ...
+    def _drop_idle_tail(self) -> None: ...
+    def consume(self, nbytes: int) -> None: ...
+    def release(self, segments: Iterable[list[Any]]) -> None: ...

@@ -182,9 +182,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         # A stream holds at most a quarter of the arena: slices sent to a peer
         # that stopped reading stay pinned until it reads (or the connection
         # dies), and one stalled peer must not starve every other stream.
-        self.queue = OutboundQueue(
-            arena, max(1, arena.n_slices // STREAM_ARENA_SHARE), self._slice_freed
-        )
+        self.queue = OutboundQueue(arena, max(1, arena.n_slices // STREAM_ARENA_SHARE))
         #: The send request in flight (at most one, so bytes keep their order).
         self.in_flight: SendRequest | None = None
         self.counters = SendCounters(self.manager.counters)
@@ -344,10 +342,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             self.strategy.flush(self)
         except Exception as exc:
             self.fail(exc)
-
-    def _slice_freed(self) -> None:
-        if self._parked:
-            self._wake()
 
     def _wake(self) -> None:
         if self._parked:
@@ -546,12 +540,20 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             self.manager.submit_prepared()
 
     async def _park(self) -> None:
-        """Wait in ``_progress`` until ``_wake``."""
+        """Wait in ``_progress`` until ``_wake``.
+
+        Only while a task waits does the queue report freed slices (its
+        ``on_free``): a call per slice is not free, and nobody else listens.
+        """
+        if not self._parked:
+            self.queue.on_free = self._wake
         self._parked += 1
         try:
             await self._progress.park()
         finally:
             self._parked -= 1
+            if not self._parked:
+                self.queue.on_free = None
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
         """Park until ``ready()`` or an error; ``ClosedResourceError`` once
