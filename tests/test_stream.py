@@ -374,6 +374,46 @@ async def test_a_plain_send_stream_sends_a_lone_message_at_once_and_queues_a_flo
         assert received == b"response" + b"".join(flow)
 
 
+async def test_a_flow_is_held_while_it_queues_and_flushed_once_it_pauses_or_trio_sleeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-tick flush holds a stream that queued in this tick and the one
+    before (a producer in full flow), flushes it at the end of the first tick
+    in which it queued nothing, and holds nothing when trio is about to sleep."""
+    if not trio_uring.features().io_uring:
+        pytest.skip("the copy strategy needs io_uring")
+    async with trio_uring.open_manager(strategy="copy") as manager:
+        left, right = await zc_tcp_pair()
+        flushed_at: list[int] = []  # the tick whose end flushed the stream
+        real_flush = left.flush
+
+        def flush() -> None:
+            flushed_at.append(manager.tick - 1)
+            real_flush()
+
+        monkeypatch.setattr(left, "flush", flush)
+        async with left, right:
+            await left.send_all(b"r")  # a lone message: one send() at once
+            assert left.stats().sends == 1 and not left.queue.nbytes
+            t1 = manager.tick
+            await left.send_all(b"a")  # the tick after: a flow, queued
+            t2 = manager.tick
+            await left.send_all(b"b")
+            assert t2 == t1 + 1 and left.queue.nbytes == 2 and flushed_at == []
+            await trio.lowlevel.cancel_shielded_checkpoint()  # a tick without a message
+            assert flushed_at == [t2 + 1] and not left.queue.nbytes
+
+            await left.send_all(b"c")  # lone again (two ticks went by)
+            t3 = manager.tick
+            assert left.queue.write(b"d") == 1  # the next tick: a flow
+            left._queued(t3)
+            assert left.hold_tick == t3
+            await trio.sleep(0.01)  # nothing else to run: trio sleeps, nothing is held
+            assert flushed_at == [t2 + 1, t3] and not left.queue.nbytes
+            await left.send_eof()
+            assert await right.receive_some(10) == b"rabcd"
+
+
 async def test_a_copying_stream_holds_a_flow_of_large_bytes_by_reference() -> None:
     """Under ``copy`` a flow of ``bytes`` messages of ``DIRECT_SEND_MIN`` or
     more is held by reference and leaves several per send(), copied nowhere
@@ -423,7 +463,7 @@ async def test_copy_flushes_slices_at_the_threshold_and_held_bytes_at_the_share(
             # tick's flush: the send happens at the threshold, not before.
             for _ in range(2 * FLUSH_THRESHOLD // 4096):
                 assert queue.write(memoryview(b"s" * 4096)) == 4096
-                left._queued()
+                left._queued(left.manager.tick)
                 if left.stats().sends:
                     break
             assert left.stats().sends == 1
@@ -434,7 +474,7 @@ async def test_copy_flushes_slices_at_the_threshold_and_held_bytes_at_the_share(
             held = 0
             for _ in range(2 * share // DIRECT_SEND_MIN):
                 queue.hold(b"h" * DIRECT_SEND_MIN)
-                left._queued()
+                left._queued(left.manager.tick)
                 held += 1
                 if left.stats().sends == 2:
                     break

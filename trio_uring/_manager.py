@@ -579,29 +579,31 @@ class IOManager:
         before (a producer in full flow) is held for another tick while its
         queue is under its flush thresholds (``FLUSH_THRESHOLD``, or the
         stream's share for bytes held by reference), so its messages go out
-        together.  Anything else is flushed now: a stream whose producer
-        queued once (a response) goes out at the end of the very tick it was
-        queued in, and when trio is about to sleep (``timeout > 0``) nothing
-        is held at all.  Runs inside trio's scheduler, so it never raises:
-        a stream whose flush fails is failed instead.
+        together; the stream decides that as it queues (``hold_tick``, see
+        ``ZeroCopyStream._queued``).  Anything else is flushed now: a stream
+        whose producer queued once (a response) goes out at the end of the
+        very tick it was queued in, and when trio is about to sleep
+        (``timeout > 0``) nothing is held at all.  Runs inside trio's
+        scheduler, so it never raises: a stream whose flush fails is failed
+        instead.
         """
         tick = self.tick
         self.tick = tick + 1
         pending = self._flush_list
         if not pending or self.closed:
             return
-        about_to_sleep = timeout > 0
+        # No stream's hold_tick is ever -1: about to sleep, none is held.
+        hold = tick if timeout <= 0 else -1
+        for stream in pending:
+            if stream.hold_tick != hold:
+                break
+        else:
+            return  # every stream waiting is held for more messages: the common tick in a flow
         self._flush_list = held = []
         self.woke_tasks = False
         flushed = False
         for stream in pending:
-            if (
-                not about_to_sleep
-                and stream.last_tick == tick
-                and stream.streak > 1
-                and stream.queue.nbytes < stream.flush_threshold
-                and stream.queue.held <= stream.flush_slices
-            ):
+            if stream.hold_tick == hold:
                 held.append(stream)
                 continue
             stream.flush_pending = False
@@ -614,7 +616,7 @@ class IOManager:
                 for stream in pending:
                     if stream.in_flight is not None:
                         stream.fail(exc)
-        if about_to_sleep and self.woke_tasks and self._token is not None:
+        if timeout > 0 and self.woke_tasks and self._token is not None:
             # trio chose to sleep before this hook made tasks runnable:
             # wake its I/O wait so that they run now.
             self._token.run_sync_soon(_nothing)

@@ -226,10 +226,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._wait_scope: trio.CancelScope | None = None
         # Coalescing state for the manager's per-tick flush: whether the
         # stream is on the manager's list, the last tick it queued bytes in,
-        # and for how many ticks in a row it has been queueing.
+        # and the tick at whose end its queue may be held for more messages
+        # (see ``_queued``; any other value: none).
         self.flush_pending = False
         self.last_tick = -2
-        self.streak = 0
+        self.hold_tick = -2
         self._send_conflict = ConflictDetector(
             "another task is currently sending data on this ZeroCopyStream"
         )
@@ -435,24 +436,23 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     if self.queue.nbytes >= self.queue.byte_limit:
                         await self._wait_for_share()
                     self.queue.hold(view)  # type: ignore[arg-type]
-                    self._queued()
+                    self._queued(self.manager.tick)
                 else:
                     await self._send_direct(memoryview(view))
                     # When it finished, not when it began: a message right
                     # after it continues a flow however long it waited.
                     self.last_tick = self.manager.tick
-                    self.streak = 1
+                    self.hold_tick = -2
             elif nbytes:
                 sent = 0
                 tick = self.manager.tick
-                if strategy.sends_at_once and tick > self.last_tick + 1:
+                if tick > self.last_tick + 1 and strategy.sends_at_once:
                     # A lone message (a response, not a flow): one plain
                     # send() now, unless bytes queued earlier must go first.
                     # Holding it for the tick's flush would cost the queue's
                     # bookkeeping and batch nothing.  The tick is recorded
                     # either way, so the next message of a flow is queued.
                     self.last_tick = tick
-                    self.streak = 1
                     if not self.queue.nbytes and self.in_flight is None:
                         try:
                             sent = self.stdlib_socket.send(view, _MSG_NOSIGNAL)
@@ -471,7 +471,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 queued = self.queue.write(view)
                 if queued < nbytes:
                     await self._write_waiting(memoryview(view), queued, prefix_sent=sent > 0)
-                self._queued()
+                    tick = self.manager.tick
+                self._queued(tick)
             await _cancel_shielded_checkpoint()
         finally:
             conflict.busy = False
@@ -507,7 +508,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """``reserve()`` or content queued bytes: without a ring nothing
         flushes the queue at the tick, so send them here."""
         if self.manager.ring is not None:
-            self._queued()
+            self._queued(self.manager.tick)
             return
         try:
             await self._drain()
@@ -515,20 +516,28 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             self.break_sending(exc)
             raise
 
-    def _queued(self) -> None:
-        """Bytes were queued: flush now past the threshold, else at the tick."""
-        manager = self.manager
-        tick = manager.tick
-        if tick != self.last_tick:
-            self.streak = self.streak + 1 if tick == self.last_tick + 1 else 1
+    def _queued(self, tick: int) -> None:
+        """Bytes were queued in scheduler tick ``tick`` (the manager's, which
+        the caller has at hand): flush now past the thresholds, else at the
+        tick.
+
+        A stream that queued bytes in the tick before this one as well is a
+        producer in full flow: the tick's flush may hold its queue for more
+        messages (``hold_tick`` is this tick), unless the queue is past its
+        thresholds.  The decision is made here, where the queue just changed,
+        so that the flush only compares one number per stream.
+        """
+        last = self.last_tick
+        if last != tick:
             self.last_tick = tick
+            self.hold_tick = tick if last == tick - 1 else -2
         queue = self.queue
-        if (
-            queue.nbytes >= self.flush_threshold or queue.held > self.flush_slices
-        ) and self.in_flight is None:
-            self._flush_now()
+        if queue.nbytes >= self.flush_threshold or queue.held > self.flush_slices:
+            self.hold_tick = -2
+            if self.in_flight is None:
+                self._flush_now()
         if queue.nbytes and not self.flush_pending:
-            manager.schedule_flush(self)
+            self.manager.schedule_flush(self)
 
     def _flush_now(self) -> None:
         """Flush this stream from a task, entering the kernel at once."""
