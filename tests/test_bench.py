@@ -297,6 +297,8 @@ def test_callgrind_arithmetic() -> None:
     assert callgrind.per_call(1_000_000, 1_300_000, 100, 400) == 1000.0
     with pytest.raises(ValueError):
         callgrind.per_call(1, 2, 5, 5)
+    # More calls, fewer instructions: the difference measures nothing.
+    assert callgrind.per_call(1_300_000, 1_000_000, 100, 400) is None
     runs = callgrind.plan_runs(["trio"], ((4096, 10, 30), (MIB, 2, 6)))
     assert [(r.counts, r.measures) for r in runs] == [
         (((4096, 10), (MIB, 2)), None),
@@ -342,6 +344,29 @@ def test_counted_echo_serves_the_clients_then_exits(contender: str) -> None:
                 proc.kill()
     assert proc.returncode == 0
     assert json.loads(out) == {"echoed": 3 * 5 * 1000}
+
+
+def test_callgrind_table_says_which_count_measured_nothing() -> None:
+    rep: dict[str, Any] = {
+        "contenders": ["trio", "zc:auto"],
+        "counts": [{"size": MIB, "n1": 40, "n2": 120}],
+        "sink": {"detail": "C sink"},
+        "results": [
+            {"contender": "trio", "size": MIB, "instructions_per_send_all": None, "ratio": None},
+            {
+                "contender": "zc:auto",
+                "size": MIB,
+                "instructions_per_send_all": 48_700.0,
+                "ratio": None,
+            },
+        ],
+    }
+    table = callgrind.format_table(rep)
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[4:] if line}
+    assert rows["trio"] == [callgrind.UNSTABLE] and rows["zc:auto"] == ["48.7k"]
+    assert table.endswith(callgrind.UNSTABLE_NOTE)
+    rep["results"][0]["instructions_per_send_all"] = 67_600.0
+    assert callgrind.UNSTABLE not in callgrind.format_table(rep)
 
 
 def test_callgrind_without_valgrind_skips(

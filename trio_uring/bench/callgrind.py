@@ -123,12 +123,33 @@ def parse_total(text: str) -> int:
     raise ValueError("no 'summary:' or 'totals:' line in the callgrind output")
 
 
-def per_call(ir_n1: int, ir_n2: int, n1: int, n2: int) -> float:
+def per_call(ir_n1: int, ir_n2: int, n1: int, n2: int) -> float | None:
     """Instructions of one call: the difference of two runs over the
-    difference of their call counts."""
+    difference of their call counts.
+
+    None when the run with more calls counted fewer instructions: what the
+    two runs do besides the counted calls differed by more than the calls
+    cost (trio's ``SocketStream`` at 1 MiB, whose cost per call depends on
+    how often the socket is full, can do that), so the difference measures
+    nothing.  Larger counts, or another run, give a figure.
+    """
     if n2 <= n1:
         raise ValueError(f"N2 ({n2}) must exceed N1 ({n1})")
+    if ir_n2 < ir_n1:
+        return None
     return (ir_n2 - ir_n1) / (n2 - n1)
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+#: What the tables print for a count ``per_call`` could not give.
+UNSTABLE = "unstable"
+UNSTABLE_NOTE = (
+    f"{UNSTABLE}: the run with more calls counted fewer instructions (the cost per call "
+    "varied with the socket's state more than the extra calls add); rerun, or use larger counts"
+)
 
 
 def plan_runs(names: list[str], counts: tuple[tuple[int, int, int], ...]) -> list[Run]:
@@ -361,8 +382,8 @@ def measure_echo(
         )
     base = next((r for r in results if r["contender"] == BASELINE), None)
     for r in results:
-        r["ratio"] = (
-            r["instructions_per_request"] / base["instructions_per_request"] if base else None
+        r["ratio"] = _ratio(
+            r["instructions_per_request"], base["instructions_per_request"] if base else None
         )
     return results, errors
 
@@ -409,12 +430,15 @@ def measure(
         base_r = next(
             (b for b in results if b["contender"] == BASELINE and b["size"] == r["size"]), None
         )
-        base_value = base_r["instructions_per_send_all"] if base_r else 0.0
-        r["ratio"] = r["instructions_per_send_all"] / base_value if base_value else None
+        r["ratio"] = _ratio(
+            r["instructions_per_send_all"], base_r["instructions_per_send_all"] if base_r else None
+        )
     return results, errors
 
 
-def _human(value: float) -> str:
+def _human(value: float | None) -> str:
+    if value is None:
+        return UNSTABLE
     for limit, suffix in ((1e6, "M"), (1e3, "k")):
         if abs(value) >= limit:
             return f"{value / limit:.3g}{suffix}"
@@ -471,6 +495,12 @@ def format_table(report: dict[str, Any]) -> str:
             if r["contender"] != BASELINE and r["ratio"] is not None:
                 value += f" ({r['ratio']:.2f}x)"
             lines.append(f"{r['contender'].ljust(width)}  {value}")
+    counted = [
+        *(r["instructions_per_send_all"] for r in report["results"]),
+        *(r["instructions_per_request"] for r in report.get("echo_results", [])),
+    ]
+    if None in counted:
+        lines += ["", UNSTABLE_NOTE]
     return "\n".join(lines)
 
 
