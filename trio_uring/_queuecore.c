@@ -103,18 +103,12 @@ QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
     self->nbytes = 0;
     self->held = 0;
     self->limit = limit;
-    Py_INCREF(refs);
-    Py_XSETREF(self->refs, refs);
-    Py_INCREF(unsent);
-    Py_XSETREF(self->unsent, unsent);
-    Py_INCREF(free);
-    Py_XSETREF(self->free, free);
-    Py_INCREF(waiters);
-    Py_XSETREF(self->waiters, waiters);
-    Py_INCREF(serve);
-    Py_XSETREF(self->serve, serve);
-    Py_INCREF(Py_None);
-    Py_XSETREF(self->on_free, Py_None);
+    Py_XSETREF(self->refs, Py_NewRef(refs));
+    Py_XSETREF(self->unsent, Py_NewRef(unsent));
+    Py_XSETREF(self->free, Py_NewRef(free));
+    Py_XSETREF(self->waiters, Py_NewRef(waiters));
+    Py_XSETREF(self->serve, Py_NewRef(serve));
+    Py_XSETREF(self->on_free, Py_NewRef(Py_None));
     return 0;
 }
 
@@ -156,6 +150,16 @@ QueueCore_dealloc(QueueCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* The result of a call made for its effect: -1 if the call raised, else 0. */
+static int
+discard(PyObject *result)
+{
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
 /* refs[slice] += delta; the new count, or -1 with an exception set. */
 static Py_ssize_t
 change_ref(QueueCore *self, Py_ssize_t slice, Py_ssize_t delta)
@@ -186,11 +190,7 @@ notify_free(QueueCore *self)
 {
     if (self->on_free == NULL || self->on_free == Py_None)
         return 0;
-    PyObject *rc = PyObject_CallNoArgs(self->on_free);
-    if (rc == NULL)
-        return -1;
-    Py_DECREF(rc);
-    return 0;
+    return discard(PyObject_CallNoArgs(self->on_free));
 }
 
 static Py_ssize_t
@@ -224,12 +224,8 @@ unref_slice(QueueCore *self, Py_ssize_t slice)
     Py_ssize_t waiting = waiting_for_slices(self);
     if (waiting < 0)
         return -1;
-    if (waiting) {
-        PyObject *got = PyObject_CallNoArgs(self->serve);
-        if (got == NULL)
-            return -1;
-        Py_DECREF(got);
-    }
+    if (waiting && discard(PyObject_CallNoArgs(self->serve)) < 0)
+        return -1;
     return notify_free(self);
 }
 
@@ -246,11 +242,7 @@ unref_owner(QueueCore *self, PyObject *owner)
     }
     if (PyBytes_CheckExact(owner))
         return 0;
-    PyObject *rc = PyObject_CallMethodNoArgs(owner, str_unref);
-    if (rc == NULL)
-        return -1;
-    Py_DECREF(rc);
-    return 0;
+    return discard(PyObject_CallMethodNoArgs(owner, str_unref));
 }
 
 /* Nothing is queued and nothing but the tail role counts the tail: return it,
@@ -407,12 +399,10 @@ QueueCore_consume(QueueCore *self, PyObject *arg)
             Py_RETURN_NONE;
         }
         nbytes -= length;
-        PyObject *popped = PyObject_CallMethodNoArgs(self->unsent, str_popleft);
-        if (popped == NULL) {
+        if (discard(PyObject_CallMethodNoArgs(self->unsent, str_popleft)) < 0) {
             Py_DECREF(segment);
             return NULL;
         }
-        Py_DECREF(popped);
         int rc = unref_owner(self, PyList_GET_ITEM(segment, 2));
         Py_DECREF(segment);
         if (rc < 0)
@@ -493,11 +483,10 @@ append_segment(QueueCore *self, Py_ssize_t start, Py_ssize_t nbytes)
     PyObject *segment = Py_BuildValue("[nnn]", start, nbytes, self->tail);
     if (segment == NULL)
         return -1;
-    PyObject *rc = PyObject_CallMethodOneArg(self->unsent, str_append, segment);
+    int appended = discard(PyObject_CallMethodOneArg(self->unsent, str_append, segment));
     Py_DECREF(segment);
-    if (rc == NULL)
+    if (appended < 0)
         return -1;
-    Py_DECREF(rc);
     if (change_ref(self, self->tail, 1) < 0)
         return -1;
 done:
@@ -600,11 +589,10 @@ QueueCore_hold(QueueCore *self, PyObject *data)
     PyObject *segment = Py_BuildValue("[nnO]", (Py_ssize_t)0, n, data);
     if (segment == NULL)
         return NULL;
-    PyObject *rc = PyObject_CallMethodOneArg(self->unsent, str_append, segment);
+    int appended = discard(PyObject_CallMethodOneArg(self->unsent, str_append, segment));
     Py_DECREF(segment);
-    if (rc == NULL)
+    if (appended < 0)
         return NULL;
-    Py_DECREF(rc);
     self->nbytes += n;
     Py_RETURN_NONE;
 }
