@@ -130,7 +130,7 @@ def test_model_kernel_never_sees_rewritten_or_reordered_bytes(data: st.DataObjec
     awaiting: list[tuple[list[list[int]], bytes]] = []
     counter = 0
     for _ in range(data.draw(st.integers(1, 60))):
-        action = data.draw(st.sampled_from(["write", "hold", "send", "notify"]))
+        action = data.draw(st.sampled_from(["write", "hold", "send", "copy", "notify"]))
         if action in ("write", "hold"):
             n = data.draw(st.integers(1, 80))
             chunk = bytes((counter + i) % 251 for i in range(n))
@@ -150,6 +150,11 @@ def test_model_kernel_never_sees_rewritten_or_reordered_bytes(data: st.DataObjec
             if sent < len(read):
                 queue.requeue(segments, sent)
             awaiting.append((segments, read))
+        elif action == "copy" and queue.nbytes:
+            # A plain send: the kernel copied the front of the queue at once.
+            sent = data.draw(st.integers(0, queue.nbytes))
+            wire += queued_bytes(queue)[:sent]
+            queue.consume(sent)
         elif action == "notify" and awaiting:
             segments, read = awaiting.pop(data.draw(st.integers(0, len(awaiting) - 1)))
             now = read_bytes(queue, segments)
