@@ -160,16 +160,36 @@ discard(PyObject *result)
     return 0;
 }
 
-/* refs[slice] += delta; the new count, or -1 with an exception set. */
+/* list[i] = value, for the lists of ints this code keeps: the slices'
+ * counts and the segments' fields.  i must be in range. */
+static int
+set_int_item(PyObject *list, Py_ssize_t i, Py_ssize_t value)
+{
+    PyObject *v = PyLong_FromSsize_t(value);
+    if (v == NULL)
+        return -1;
+    PyList_SetItem(list, i, v); /* steals v */
+    return 0;
+}
+
+/* refs[slice], slice checked to lie in the arena; -1 with an exception set
+ * (a count is never negative). */
 static Py_ssize_t
-change_ref(QueueCore *self, Py_ssize_t slice, Py_ssize_t delta)
+ref_count(QueueCore *self, Py_ssize_t slice)
 {
     if (self->refs == NULL || slice < 0 || slice >= PyList_GET_SIZE(self->refs)) {
         PyErr_SetString(PyExc_IndexError, "slice outside the arena");
         return -1;
     }
-    Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(self->refs, slice));
-    if (count == -1 && PyErr_Occurred())
+    return PyLong_AsSsize_t(PyList_GET_ITEM(self->refs, slice));
+}
+
+/* refs[slice] += delta; the new count, or -1 with an exception set. */
+static Py_ssize_t
+change_ref(QueueCore *self, Py_ssize_t slice, Py_ssize_t delta)
+{
+    Py_ssize_t count = ref_count(self, slice);
+    if (count < 0)
         return -1;
     count += delta;
     if (count < 0) {
@@ -177,10 +197,8 @@ change_ref(QueueCore *self, Py_ssize_t slice, Py_ssize_t delta)
                      slice);
         return -1;
     }
-    PyObject *value = PyLong_FromSsize_t(count);
-    if (value == NULL)
+    if (set_int_item(self->refs, slice, count) < 0)
         return -1;
-    PyList_SetItem(self->refs, slice, value); /* steals value */
     return count;
 }
 
@@ -253,12 +271,8 @@ drop_idle_tail(QueueCore *self)
     Py_ssize_t tail = self->tail;
     if (tail < 0 || self->nbytes)
         return 0;
-    if (self->refs == NULL || tail >= PyList_GET_SIZE(self->refs)) {
-        PyErr_SetString(PyExc_IndexError, "tail slice outside the arena");
-        return -1;
-    }
-    Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(self->refs, tail));
-    if (count == -1 && PyErr_Occurred())
+    Py_ssize_t count = ref_count(self, tail);
+    if (count < 0)
         return -1;
     if (count != 1)
         return 0;
@@ -295,14 +309,8 @@ new_tail(QueueCore *self, Py_ssize_t granted)
         if (PyList_SetSlice(self->free, n - 1, n, NULL) < 0)
             return -1;
     }
-    if (self->refs == NULL || granted >= PyList_GET_SIZE(self->refs)) {
-        PyErr_SetString(PyExc_IndexError, "slice outside the arena");
+    if (ref_count(self, granted) < 0 || set_int_item(self->refs, granted, 1) < 0)
         return -1;
-    }
-    PyObject *one = PyLong_FromSsize_t(1);
-    if (one == NULL)
-        return -1;
-    PyList_SetItem(self->refs, granted, one); /* steals one */
     self->held += 1;
     self->tail = granted;
     self->tail_offset = granted * self->slice_size;
@@ -359,16 +367,6 @@ segment_field(PyObject *segment, Py_ssize_t i, Py_ssize_t *out)
     return 0;
 }
 
-static int
-set_segment_field(PyObject *segment, Py_ssize_t i, Py_ssize_t value)
-{
-    PyObject *v = PyLong_FromSsize_t(value);
-    if (v == NULL)
-        return -1;
-    PyList_SetItem(segment, i, v); /* steals v */
-    return 0;
-}
-
 static PyObject *
 QueueCore_consume(QueueCore *self, PyObject *arg)
 {
@@ -390,9 +388,9 @@ QueueCore_consume(QueueCore *self, PyObject *arg)
             return NULL;
         }
         if (length > nbytes) {
-            int rc = set_segment_field(segment, 0, offset + nbytes);
+            int rc = set_int_item(segment, 0, offset + nbytes);
             if (rc == 0)
-                rc = set_segment_field(segment, 1, length - nbytes);
+                rc = set_int_item(segment, 1, length - nbytes);
             Py_DECREF(segment);
             if (rc < 0)
                 return NULL;
@@ -468,13 +466,10 @@ append_segment(QueueCore *self, Py_ssize_t start, Py_ssize_t nbytes)
                 return -1;
             }
             if (owner == self->tail && offset + length == start) {
-                PyObject *value = PyLong_FromSsize_t(length + nbytes);
-                if (value == NULL) {
-                    Py_DECREF(last);
-                    return -1;
-                }
-                PyList_SetItem(last, 1, value); /* steals value */
+                int rc = set_int_item(last, 1, length + nbytes);
                 Py_DECREF(last);
+                if (rc < 0)
+                    return -1;
                 goto done;
             }
         }
