@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 
@@ -228,6 +229,30 @@ async def test_stats_count_enter_calls() -> None:
     before = manager.stats()["io_uring_enter_calls"]
     await manager.submit(prep_nop)
     assert manager.stats()["io_uring_enter_calls"] > before
+
+
+async def test_stats_count_the_sends_of_live_closed_and_collected_streams() -> None:
+    """A send updates its stream's counters only; the manager's totals add
+    the live streams' counts to those of streams whose counters died."""
+    manager = current_manager()
+    before = manager.stats()
+    (first, first_peer), (second, second_peer) = await tcp_pair(), await tcp_pair()
+    await first.send_all(b"a" * 10)
+    await second.send_all(b"b" * 20)
+    await first.send_eof()
+    await second.send_eof()
+    assert await first_peer.receive_some(100) == b"a" * 10
+    assert await second_peer.receive_some(100) == b"b" * 20
+    await first.aclose()
+    del first
+    gc.collect()
+    after = manager.stats()
+    assert after["bytes"] - before["bytes"] == 30
+    assert after["sends"] - before["sends"] == 2
+    assert second.stats().bytes_sent == 20
+    await second.aclose()
+    await first_peer.aclose()
+    await second_peer.aclose()
 
 
 async def test_streams_queued_in_one_tick_share_one_enter() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import warnings
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -94,40 +95,51 @@ class Operation:
 
 
 class SendCounters:
-    """Counts of zero-copy sends and their notifications; see ``StreamStats``."""
+    """Counts of sends and notifications of one stream; see ``StreamStats``.
+
+    A send updates its own stream's counters only.  The manager's totals
+    are the sum of the counters of its live streams (``IOManager.stats``)
+    and of ``totals``, into which a stream's counts are folded when its
+    counters die: one object updated per send, not two.
+    """
 
     __slots__ = (
+        "__weakref__",
         "bytes",
         "consecutive_copied",
         "copied",
         "notifications",
-        "parent",
         "sends",
+        "totals",
     )
 
-    def __init__(self, parent: SendCounters | None = None) -> None:
+    def __init__(self, totals: SendCounters | None = None) -> None:
         self.sends = 0
         self.bytes = 0
         self.notifications = 0
         self.copied = 0
         self.consecutive_copied = 0
-        self.parent = parent
+        self.totals = totals
 
     def sent(self, nbytes: int) -> None:
         self.sends += 1
         self.bytes += nbytes
-        parent = self.parent
-        if parent is not None:
-            # The manager's counters have no parent: one level, no call.
-            parent.sends += 1
-            parent.bytes += nbytes
 
     def notified(self, copied: bool) -> None:
         self.notifications += 1
         self.copied += copied
         self.consecutive_copied = self.consecutive_copied + 1 if copied else 0
-        if self.parent is not None:
-            self.parent.notified(copied)
+
+    def add_to(self, other: SendCounters) -> None:
+        """Add these counts to ``other``'s."""
+        other.sends += self.sends
+        other.bytes += self.bytes
+        other.notifications += self.notifications
+        other.copied += self.copied
+
+    def __del__(self) -> None:
+        if self.totals is not None:
+            self.add_to(self.totals)
 
 
 class Multishot:
@@ -310,7 +322,9 @@ class IOManager:
             except BaseException:
                 self.ring.close()
                 raise
+        #: The counts of streams whose counters died; ``stats`` adds the live ones.
         self.counters = SendCounters()
+        self._stream_counters: weakref.WeakSet[SendCounters] = weakref.WeakSet()
         self.closed = False
         self._free_bgids = deque(range(1, 1 << 16))
         self._registered_bgids: set[int] = set()
@@ -720,11 +734,20 @@ class IOManager:
         trio.lowlevel.notify_closing(ring.wait_fd)
         ring.close()
 
+    def stream_counters(self) -> SendCounters:
+        """New counters for a stream, counted in this manager's ``stats``."""
+        counters = SendCounters(self.counters)
+        self._stream_counters.add(counters)
+        return counters
+
     def stats(self) -> dict[str, object]:
         """Ring-wide counters: strategy, sends, notifications, enter calls,
         and the routes (local address, peer address) on which streams left
         zero copy because the kernel copied anyway."""
-        c = self.counters
+        c = SendCounters()
+        self.counters.add_to(c)
+        for counters in list(self._stream_counters):
+            counters.add_to(c)
         return {
             "strategy": self.strategy,
             "sends": c.sends,

@@ -22,7 +22,6 @@ from ._manager import (
     FLUSH_THRESHOLD,
     IOManager,
     ManagerClosedError,
-    SendCounters,
     current_manager,
 )
 from ._prep import prep_recv
@@ -185,7 +184,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self.queue = OutboundQueue(arena, max(1, arena.n_slices // STREAM_ARENA_SHARE))
         #: The send request in flight (at most one, so bytes keep their order).
         self.in_flight: SendRequest | None = None
-        self.counters = SendCounters(self.manager.counters)
+        self.counters = self.manager.stream_counters()
         self.provided_ring: ProvidedRing | None = None
         self.bgid: int | None = None
         #: fixed-provided-bundle: the queue starts with the rest of an entry
