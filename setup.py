@@ -16,6 +16,12 @@ setup(
             ["trio_uring/_queuecore.c"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", *_asan],
             extra_link_args=_asan,
-        )
+        ),
+        Extension(
+            "trio_uring._tickcore",
+            ["trio_uring/_tickcore.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", *_asan],
+            extra_link_args=_asan,
+        ),
     ],
 )

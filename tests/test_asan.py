@@ -71,8 +71,8 @@ def test_suite_under_asan(tmp_path: Path) -> None:
         check=False,
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    # Both extensions really are instrumented: they call into the ASan runtime.
-    for name in ("_shim_cffi", "_queuecore"):
+    # Every extension really is instrumented: they call into the ASan runtime.
+    for name in ("_shim_cffi", "_queuecore", "_tickcore"):
         (built,) = (tmp_path / "trio_uring").glob(f"{name}*.so")
         assert b"__asan_" in built.read_bytes(), f"{name} was built without AddressSanitizer"
 
@@ -91,8 +91,8 @@ def test_suite_under_asan(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import trio_uring._shim_cffi as s, trio_uring._queuecore as q; "
-            "print(s.__file__); print(q.__file__)",
+            "import trio_uring._shim_cffi as s, trio_uring._queuecore as q, "
+            "trio_uring._tickcore as t; print(s.__file__); print(q.__file__); print(t.__file__)",
         ],
         cwd=tmp_path,
         env=env,

@@ -388,23 +388,23 @@ async def test_a_flow_is_held_while_it_queues_and_flushed_once_it_pauses_or_trio
         real_flush = left.flush
 
         def flush() -> None:
-            flushed_at.append(manager.tick - 1)
+            flushed_at.append(manager.ticker.tick - 1)
             real_flush()
 
         monkeypatch.setattr(left, "flush", flush)
         async with left, right:
             await left.send_all(b"r")  # a lone message: one send() at once
             assert left.stats().sends == 1 and not left.queue.nbytes
-            t1 = manager.tick
+            t1 = manager.ticker.tick
             await left.send_all(b"a")  # the tick after: a flow, queued
-            t2 = manager.tick
+            t2 = manager.ticker.tick
             await left.send_all(b"b")
             assert t2 == t1 + 1 and left.queue.nbytes == 2 and flushed_at == []
             await trio.lowlevel.cancel_shielded_checkpoint()  # a tick without a message
             assert flushed_at == [t2 + 1] and not left.queue.nbytes
 
             await left.send_all(b"c")  # lone again (two ticks went by)
-            t3 = manager.tick
+            t3 = manager.ticker.tick
             assert left.queue.write(b"d") == 1  # the next tick: a flow
             left._queued(t3)
             assert left.hold_tick == t3
@@ -463,7 +463,7 @@ async def test_copy_flushes_slices_at_the_threshold_and_held_bytes_at_the_share(
             # tick's flush: the send happens at the threshold, not before.
             for _ in range(2 * FLUSH_THRESHOLD // 4096):
                 assert queue.write(memoryview(b"s" * 4096)) == 4096
-                left._queued(left.manager.tick)
+                left._queued(left.ticker.tick)
                 if left.stats().sends:
                     break
             assert left.stats().sends == 1
@@ -474,7 +474,7 @@ async def test_copy_flushes_slices_at_the_threshold_and_held_bytes_at_the_share(
             held = 0
             for _ in range(2 * share // DIRECT_SEND_MIN):
                 queue.hold(b"h" * DIRECT_SEND_MIN)
-                left._queued(left.manager.tick)
+                left._queued(left.ticker.tick)
                 held += 1
                 if left.stats().sends == 2:
                     break

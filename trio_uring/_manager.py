@@ -39,6 +39,7 @@ from ._features import STRATEGIES, Features, features
 from ._prep import prep_cancel, prep_cancel_any, prep_cancel_fd
 from ._ring import Ring, RingSetupError
 from ._shim_cffi import ffi
+from ._tickcore import Ticker
 from ._util import byte_view
 
 DEFAULT_ENTRIES = 256
@@ -242,7 +243,7 @@ class CopyingRoutes:
 
 
 class _TickFlush(trio.abc.Instrument):
-    """Calls ``IOManager.flush_tick`` once per scheduler tick.
+    """Ends each scheduler tick with the manager's ``Ticker``.
 
     ``before_io_wait`` is trio's public hook that runs exactly once per
     tick, after every runnable task has run and before trio waits for I/O:
@@ -250,10 +251,10 @@ class _TickFlush(trio.abc.Instrument):
     """
 
     def __init__(self, manager: IOManager) -> None:
-        # The manager's method itself, not a wrapper that calls it: trio
-        # looks the hook up with getattr on every tick, and one Python call
-        # less per tick is measurable.
-        self.before_io_wait = manager.flush_tick
+        # The C method itself, not a Python method that calls it: trio calls
+        # the hook on every tick, once per message in a producer's flow, and
+        # a Python frame there is a measurable share of a small send_all.
+        self.before_io_wait = manager.ticker.before_io_wait
 
 
 class ManagerClosedError(trio.ClosedResourceError):
@@ -328,10 +329,9 @@ class IOManager:
         self.closed = False
         self._free_bgids = deque(range(1, 1 << 16))
         self._registered_bgids: set[int] = set()
-        #: Scheduler ticks seen (``flush_tick`` counts them).
-        self.tick = 0
-        #: Streams with queued bytes to flush at the end of this tick.
-        self._flush_list: list[Any] = []
+        #: The scheduler tick's number (``ticker.tick``) and the streams with
+        #: queued bytes to flush at the end of a tick (``ticker.pending``).
+        self.ticker = Ticker(self.flush_tick)
         #: Stream send requests whose result CQE has not arrived.
         self.sends_in_flight = 0
         #: Set when a completion or flush made a task runnable.
@@ -573,7 +573,7 @@ class IOManager:
     def schedule_flush(self, stream: Any) -> None:
         """Flush ``stream``'s queue at the end of this scheduler tick."""
         stream.flush_pending = True
-        self._flush_list.append(stream)
+        self.ticker.pending.append(stream)
 
     def submit_prepared(self) -> None:
         """Enter the kernel with every staged SQE and dispatch what
@@ -585,9 +585,10 @@ class IOManager:
         if ring.table:
             self._wake_completer()
 
-    def flush_tick(self, timeout: float) -> None:
-        """Once per scheduler tick, before trio waits for I/O: one request per
-        stream with queued bytes, all in one ``io_uring_enter``.
+    def flush_tick(self, tick: int, timeout: float) -> None:
+        """At the end of scheduler tick ``tick``, before trio waits for I/O:
+        one request per stream with queued bytes, all in one
+        ``io_uring_enter``.
 
         Coalescing: a stream that queued bytes in this tick *and* the one
         before (a producer in full flow) is held for another tick while its
@@ -597,23 +598,17 @@ class IOManager:
         ``ZeroCopyStream._queued``).  Anything else is flushed now: a stream
         whose producer queued once (a response) goes out at the end of the
         very tick it was queued in, and when trio is about to sleep
-        (``timeout > 0``) nothing is held at all.  Runs inside trio's
-        scheduler, so it never raises: a stream whose flush fails is failed
-        instead.
+        (``timeout > 0``) nothing is held at all.  The ``Ticker`` calls this
+        only for a tick in which some pending stream is not held, and skips
+        it for the common tick of a flow.  Runs inside trio's scheduler, so
+        it never raises: a stream whose flush fails is failed instead.
         """
-        tick = self.tick
-        self.tick = tick + 1
-        pending = self._flush_list
-        if not pending or self.closed:
+        if self.closed:
             return
         # No stream's hold_tick is ever -1: about to sleep, none is held.
         hold = tick if timeout <= 0 else -1
-        for stream in pending:
-            if stream.hold_tick != hold:
-                break
-        else:
-            return  # every stream waiting is held for more messages: the common tick in a flow
-        self._flush_list = held = []
+        pending = self.ticker.pending
+        self.ticker.pending = held = []
         self.woke_tasks = False
         flushed = False
         for stream in pending:
@@ -700,8 +695,9 @@ class IOManager:
             self.closed = True
             return
         with trio.move_on_after(timeout):
-            while self._flush_list or self.sends_in_flight:
-                pending, self._flush_list = self._flush_list, []
+            while self.ticker.pending or self.sends_in_flight:
+                pending = self.ticker.pending
+                self.ticker.pending = []
                 for stream in pending:
                     stream.flush_pending = False
                     stream.flush()

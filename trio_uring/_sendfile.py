@@ -473,7 +473,7 @@ async def _send_read(stream: ZeroCopyStream, fd: int, offset: int, count: int) -
                 raise _file_error(-res, sent, offset)
             raise FileTruncatedError(sent, count, offset)
         queue.commit(want)
-        stream._queued(stream.manager.tick)
+        stream._queued(stream.ticker.tick)
         sent += want
 
 

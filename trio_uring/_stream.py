@@ -228,6 +228,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         # and the tick at whose end its queue may be held for more messages
         # (see ``_queued``; any other value: none).
         self.flush_pending = False
+        #: The manager's tick counter, at hand for every send_all.
+        self.ticker = self.manager.ticker
         self.last_tick = -2
         self.hold_tick = -2
         self._send_conflict = ConflictDetector(
@@ -427,7 +429,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     cls is bytes
                     and strategy.holds_bytes
                     and nbytes < FLUSH_THRESHOLD
-                    and self.manager.tick <= self.last_tick + 1
+                    and self.ticker.tick <= self.last_tick + 1
                 ):
                     # A producer in full flow under a copying strategy: its
                     # bytes are held by reference, to go out several per
@@ -435,16 +437,16 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     if self.queue.nbytes >= self.queue.byte_limit:
                         await self._wait_for_share()
                     self.queue.hold(view)  # type: ignore[arg-type]
-                    self._queued(self.manager.tick)
+                    self._queued(self.ticker.tick)
                 else:
                     await self._send_direct(memoryview(view))
                     # When it finished, not when it began: a message right
                     # after it continues a flow however long it waited.
-                    self.last_tick = self.manager.tick
+                    self.last_tick = self.ticker.tick
                     self.hold_tick = -2
             elif nbytes:
                 sent = 0
-                tick = self.manager.tick
+                tick = self.ticker.tick
                 if tick > self.last_tick + 1 and strategy.sends_at_once:
                     # A lone message (a response, not a flow): one plain
                     # send() now, unless bytes queued earlier must go first.
@@ -470,7 +472,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 queued = self.queue.write(view)
                 if queued < nbytes:
                     await self._write_waiting(memoryview(view), queued, prefix_sent=sent > 0)
-                    tick = self.manager.tick
+                    tick = self.ticker.tick
                 self._queued(tick)
             await _cancel_shielded_checkpoint()
         finally:
@@ -507,7 +509,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """``reserve()`` or content queued bytes: without a ring nothing
         flushes the queue at the tick, so send them here."""
         if self.manager.ring is not None:
-            self._queued(self.manager.tick)
+            self._queued(self.ticker.tick)
             return
         try:
             await self._drain()
