@@ -324,7 +324,7 @@ class IOManager:
                 self.ring.close()
                 raise
         #: The counts of streams whose counters died; ``stats`` adds the live ones.
-        self.counters = SendCounters()
+        self.dead_stream_counts = SendCounters()
         self._stream_counters: weakref.WeakSet[SendCounters] = weakref.WeakSet()
         self.closed = False
         self._free_bgids = deque(range(1, 1 << 16))
@@ -732,7 +732,7 @@ class IOManager:
 
     def stream_counters(self) -> SendCounters:
         """New counters for a stream, counted in this manager's ``stats``."""
-        counters = SendCounters(self.counters)
+        counters = SendCounters(self.dead_stream_counts)
         self._stream_counters.add(counters)
         return counters
 
@@ -741,7 +741,7 @@ class IOManager:
         and the routes (local address, peer address) on which streams left
         zero copy because the kernel copied anyway."""
         c = SendCounters()
-        self.counters.add_to(c)
+        self.dead_stream_counts.add_to(c)
         for counters in list(self._stream_counters):
             counters.add_to(c)
         return {
