@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import socket
 import threading
+import weakref
 
 import pytest
 import trio
@@ -244,8 +245,12 @@ async def test_stats_count_the_sends_of_live_closed_and_collected_streams() -> N
     assert await first_peer.receive_some(100) == b"a" * 10
     assert await second_peer.receive_some(100) == b"b" * 20
     await first.aclose()
+    first_counters = weakref.ref(first.counters)
+    dead_bytes = manager.dead_stream_counts.bytes
     del first
     gc.collect()
+    assert first_counters() is None
+    assert manager.dead_stream_counts.bytes == dead_bytes + 10  # folded in as they died
     after = manager.stats()
     assert after["bytes"] - before["bytes"] == 30
     assert after["sends"] - before["sends"] == 2

@@ -75,6 +75,64 @@ def test_what_the_ticker_cannot_read_is_left_to_the_flush_not_raised() -> None:
     assert [tick for tick, _, _ in calls] == [0, 1]
 
 
+def test_a_stream_that_changes_the_list_while_it_is_read_is_safe() -> None:
+    """Reading ``hold_tick`` may run Python code: the list being walked, or
+    the stream read, must not be freed under the check (the ASan tier runs
+    this file)."""
+    ticker, calls = recording_ticker()
+
+    class Replacing:
+        @property
+        def hold_tick(self) -> int:
+            replacement: list[Any] = []
+            # Fill CPython's free list of list objects, so that the list
+            # dropped next is really freed (and seen by ASan) rather than
+            # kept for reuse.
+            spare: list[list[int]] = [[] for _ in range(200)]
+            del spare
+            ticker.pending = replacement  # drops the list the check walks, and this stream
+            return 0  # held: the check goes on to the next item of the dropped list
+
+    class Emptying:
+        @property
+        def hold_tick(self) -> int:
+            del ticker.pending[:]
+            return 1
+
+    ticker.pending.append(Replacing())
+    ticker.before_io_wait(0.0)  # held, and the list it was on is gone
+    ticker.pending.extend([Emptying(), Stream(-2)])
+    ticker.before_io_wait(0.0)  # held (1 is this tick), and nothing left to read
+    assert calls == [] and ticker.pending == []
+    ticker.pending.append(Stream(-2))
+    ticker.before_io_wait(0.0)
+    assert [tick for tick, _, _ in calls] == [2]
+
+
+def test_keyboard_interrupt_while_reading_is_not_swallowed() -> None:
+    ticker, calls = recording_ticker()
+
+    class Interrupted:
+        @property
+        def hold_tick(self) -> int:
+            raise KeyboardInterrupt
+
+    ticker.pending.append(Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        ticker.before_io_wait(0.0)
+    assert calls == []
+
+
+def test_a_ticker_without_init_raises_instead_of_crashing() -> None:
+    ticker = Ticker.__new__(Ticker)
+    with pytest.raises(RuntimeError, match="__init__"):
+        ticker.before_io_wait(0.0)
+    with pytest.raises(RuntimeError, match="__init__"):
+        ticker.pending  # noqa: B018
+    ticker.pending = []
+    assert ticker.pending == []
+
+
 def test_the_flush_can_replace_the_pending_list() -> None:
     held: list[Any] = []
 

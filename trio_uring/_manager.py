@@ -740,9 +740,13 @@ class IOManager:
         """Ring-wide counters: strategy, sends, notifications, enter calls,
         and the routes (local address, peer address) on which streams left
         zero copy because the kernel copied anyway."""
+        # The live counters first: a collection while the WeakSet is copied
+        # folds a dying stream's counts into dead_stream_counts, which must
+        # be read after that.
+        live = list(self._stream_counters)
         c = SendCounters()
         self.dead_stream_counts.add_to(c)
-        for counters in list(self._stream_counters):
+        for counters in live:
             counters.add_to(c)
         return {
             "strategy": self.strategy,

@@ -224,7 +224,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._parked = 0
         self._wait_scope: trio.CancelScope | None = None
         # Coalescing state for the manager's per-tick flush: whether the
-        # stream is on the manager's list, the last tick it queued bytes in,
+        # stream is on the ticker's pending list, the last tick it queued bytes in,
         # and the tick at whose end its queue may be held for more messages
         # (see ``_queued``; any other value: none).
         self.flush_pending = False
@@ -518,7 +518,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             raise
 
     def _queued(self, tick: int) -> None:
-        """Bytes were queued in scheduler tick ``tick`` (the manager's, which
+        """Bytes were queued in scheduler tick ``tick`` (``ticker.tick``, which
         the caller has at hand): flush now past the thresholds, else at the
         tick.
 

@@ -46,12 +46,15 @@ Ticker_init(Ticker *self, PyObject *args, PyObject *kwds)
 }
 
 /* Whether every stream in pending is held at the end of tick ``hold``:
- * 1 yes, 0 no, -1 error. */
+ * 1 yes, 0 no, -1 error.  The caller holds a reference to pending; each
+ * stream is held while its attribute is read, which may run Python code. */
 static int
 all_held(PyObject *pending, Py_ssize_t hold)
 {
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pending); i++) {
-        PyObject *value = PyObject_GetAttr(PyList_GET_ITEM(pending, i), str_hold_tick);
+        PyObject *stream = Py_NewRef(PyList_GET_ITEM(pending, i));
+        PyObject *value = PyObject_GetAttr(stream, str_hold_tick);
+        Py_DECREF(stream);
         if (value == NULL)
             return -1;
         Py_ssize_t stream_hold = PyLong_AsSsize_t(value);
@@ -67,20 +70,31 @@ all_held(PyObject *pending, Py_ssize_t hold)
 static PyObject *
 Ticker_before_io_wait(Ticker *self, PyObject *timeout)
 {
+    if (self->pending == NULL || self->flush == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ticker.__init__ was not called");
+        return NULL;
+    }
     Py_ssize_t tick = self->tick++;
     if (PyList_GET_SIZE(self->pending) == 0)
         Py_RETURN_NONE;
-    /* About to sleep: nothing is held (no stream's hold_tick is -1).  An
-     * error here is left to the flush, which decides for itself in Python:
-     * trio drops an instrument whose hook raises. */
+    /* About to sleep: nothing is held (no stream's hold_tick is -1).  When
+     * the check fails (it reads the ints the streams keep, so only for an
+     * object that is not a stream), the flush runs and decides in Python,
+     * where a stream whose flush fails is failed: trio drops an instrument
+     * whose hook raises, and with it every later tick's flush. */
+    PyObject *pending = Py_NewRef(self->pending);
     double seconds = PyFloat_AsDouble(timeout);
     int held = -1;
     if (!(seconds == -1.0 && PyErr_Occurred()))
-        held = all_held(self->pending, seconds <= 0 ? tick : -1);
+        held = all_held(pending, seconds <= 0 ? tick : -1);
+    Py_DECREF(pending);
     if (held == 1)
         Py_RETURN_NONE;
-    if (held < 0)
+    if (held < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL; /* KeyboardInterrupt and the like are not ours to drop */
         PyErr_Clear();
+    }
     PyObject *number = PyLong_FromSsize_t(tick);
     if (number == NULL)
         return NULL;
@@ -96,13 +110,17 @@ Ticker_set_pending(Ticker *self, PyObject *value, void *Py_UNUSED(closure))
         PyErr_SetString(PyExc_TypeError, "Ticker.pending must be a list");
         return -1;
     }
-    Py_SETREF(self->pending, Py_NewRef(value));
+    Py_XSETREF(self->pending, Py_NewRef(value));
     return 0;
 }
 
 static PyObject *
 Ticker_get_pending(Ticker *self, void *Py_UNUSED(closure))
 {
+    if (self->pending == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ticker.__init__ was not called");
+        return NULL;
+    }
     return Py_NewRef(self->pending);
 }
 
