@@ -227,6 +227,43 @@ async def test_peer_process_killed_mid_send(strategy: str) -> None:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_socket_closed_by_other_code_while_idle_or_in_flow(strategy: str) -> None:
+    """Other code closes the stream's socket between sends: a lone message
+    (sent at once through the socket object) and a message of a flow (queued
+    for the tick's flush, which names the fd number) both end in
+    ClosedResourceError, the stream is not left broken, and nothing reaches a
+    new socket given the same fd number."""
+    async with trio_uring.open_manager(strategy=strategy) as manager:
+        for in_flow in (False, True):
+            stream, peer = stream_and_peer()
+            fd = stream.fd
+            await stream.send_all(b"first")
+            assert await peer.receive_some(100) == b"first"
+            if in_flow:
+                await stream.send_all(b"a")  # the tick after the first: a flow
+            stream.socket.close()
+            a, b = stdlib_pair()
+            try:
+                with trio.fail_after(5):
+                    with pytest.raises(trio.ClosedResourceError, match="aclose"):
+                        await stream.send_all(b"must not reach the new socket")
+                    with pytest.raises(trio.ClosedResourceError):
+                        await stream.receive_some()
+                    await stream.aclose()  # closed, not broken: no error
+                for reused, partner in ((a, b), (b, a)):
+                    if reused.fileno() == fd:
+                        partner.setblocking(False)
+                        with pytest.raises(BlockingIOError):
+                            partner.recv(100)
+            finally:
+                a.close()
+                b.close()
+            await peer.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 async def test_socket_closed_by_other_code_during_receive(strategy: str) -> None:
     """Other code closes the trio socket while a receive is in flight.
 

@@ -418,18 +418,52 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 or self._eof_sent
                 or self._send_broken is not None
                 or self.manager.closed
-                or self.stdlib_socket.fileno() != self.fd
             ):
                 self._check_can_send()
             await _checkpoint_if_cancelled()
             nbytes = len(view)
             strategy = self.strategy
+            tick = self.ticker.tick
+            sent = 0
+            if (
+                tick > self.last_tick + 1
+                and 0 < nbytes < strategy.direct_min
+                and strategy.sends_at_once
+            ):
+                # A lone small message (a response, not a flow): one plain
+                # send() now, unless bytes queued earlier must go first.
+                # Holding it for the tick's flush would cost the queue's
+                # bookkeeping and batch nothing.  The tick is recorded
+                # either way, so the next message of a flow is queued.  A
+                # socket closed under the stream fails this send() (EBADF):
+                # it goes through the stream's own socket object.
+                self.last_tick = tick
+                if not self.queue.nbytes and self.in_flight is None:
+                    try:
+                        sent = self.stdlib_socket.send(view, _MSG_NOSIGNAL)
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        self.check_open()  # its socket closed: not a broken stream
+                        self.break_sending(exc)
+                        raise _stream_error(self, exc, "sending") from exc
+                    else:
+                        self.counters.sent(sent)
+                        if sent == nbytes:
+                            await _cancel_shielded_checkpoint()
+                            return
+                        view = memoryview(view)[sent:]
+                        nbytes -= sent
+            # What follows uses the fd number (the tick's flush, waits for
+            # writability): it must still be this stream's socket's.
+            if self.stdlib_socket.fileno() != self.fd:
+                self.check_open()
             if nbytes >= strategy.direct_min:
                 if (
                     cls is bytes
                     and strategy.holds_bytes
                     and nbytes < FLUSH_THRESHOLD
-                    and self.ticker.tick <= self.last_tick + 1
+                    and tick <= self.last_tick + 1
                 ):
                     # A producer in full flow under a copying strategy: its
                     # bytes are held by reference, to go out several per
@@ -445,30 +479,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     self.last_tick = self.ticker.tick
                     self.hold_tick = -2
             elif nbytes:
-                sent = 0
-                tick = self.ticker.tick
-                if tick > self.last_tick + 1 and strategy.sends_at_once:
-                    # A lone message (a response, not a flow): one plain
-                    # send() now, unless bytes queued earlier must go first.
-                    # Holding it for the tick's flush would cost the queue's
-                    # bookkeeping and batch nothing.  The tick is recorded
-                    # either way, so the next message of a flow is queued.
-                    self.last_tick = tick
-                    if not self.queue.nbytes and self.in_flight is None:
-                        try:
-                            sent = self.stdlib_socket.send(view, _MSG_NOSIGNAL)
-                        except BlockingIOError:
-                            pass
-                        except OSError as exc:
-                            self.break_sending(exc)
-                            raise _stream_error(self, exc, "sending") from exc
-                        else:
-                            self.counters.sent(sent)
-                            if sent == nbytes:
-                                await _cancel_shielded_checkpoint()
-                                return
-                            view = memoryview(view)[sent:]
-                            nbytes -= sent
                 queued = self.queue.write(view)
                 if queued < nbytes:
                     await self._write_waiting(memoryview(view), queued, prefix_sent=sent > 0)
@@ -815,12 +825,14 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
                 size = min(max_bytes, MAX_RECEIVE_SIZE)
-            if self._closed or self.stdlib_socket.fileno() != self.fd:
+            if self._closed:
                 self.check_open()
             await _checkpoint_if_cancelled()
             try:
                 # Data already waiting is taken with one plain recv(): no
-                # request, no completion, no scheduler round trip.
+                # request, no completion, no scheduler round trip.  A socket
+                # closed under the stream fails it (EBADF): it goes through
+                # the stream's own socket object.
                 try:
                     data = self.stdlib_socket.recv(size)
                 except BlockingIOError:
@@ -830,6 +842,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     return data
                 if self.manager.ring is None:
                     return await self.socket.recv(size)
+                self.check_open()  # the request names the fd number: still this socket's?
                 if len(self._recv_buffer) < size:
                     self._recv_buffer = ffi.new("char[]", size)
                     self._recv_address = int(ffi.cast("uintptr_t", self._recv_buffer))
