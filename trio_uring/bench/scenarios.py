@@ -161,9 +161,7 @@ def plan(config: Config) -> list[Cell]:
         cells.append(SendCell("b", config.sizes_many, config.streams, config.duration_many))
     if "f" in chosen:
         cells.append(
-            SendCell(
-                "f", config.fanout_sizes, config.fanout_subscribers, config.duration_fanout
-            )
+            SendCell("f", config.fanout_sizes, config.fanout_subscribers, config.duration_fanout)
         )
     if "c" in chosen and config.connect is None:
         cells.append(EchoCell("c", config.clients, config.duration_echo))
