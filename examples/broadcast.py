@@ -64,14 +64,14 @@ class Publisher:
         sub_id, self._next_id = self._next_id, self._next_id + 1
         self.subscribers[sub_id] = stream
         self.changed.set()
-        async with stream:
-            # Subscribers send nothing; this returns at their EOF or when the
-            # publisher closes the stream.
-            try:
+        try:
+            async with stream:
+                # Subscribers send nothing; this returns at their EOF or when
+                # the publisher closes the stream.
                 while await stream.receive_some():
                     pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # gone, perhaps with messages queued for it
         self.drop(sub_id)
 
     def drop(self, sub_id: int) -> None:
@@ -95,7 +95,7 @@ class Publisher:
             with trio.fail_after(SEND_TIMEOUT):
                 await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)  # dropped: nothing more is owed to it
             self.drop(sub_id)
 
     async def publish(self, data: trio_uring.RegisteredContent | bytes) -> int:

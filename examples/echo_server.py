@@ -13,12 +13,12 @@ import trio_uring
 
 
 async def echo(stream: trio_uring.ZeroCopyStream) -> None:
-    async with stream:
-        try:
+    try:
+        async with stream:  # on exit: what is still queued is sent, then the close
             async for data in stream:
                 await stream.send_all(data)
-        except trio.BrokenResourceError:
-            pass  # the client went away mid-send
+    except trio.BrokenResourceError:
+        pass  # the client went away mid-send, or before a queued reply went out
 
 
 async def main(port: int) -> None:

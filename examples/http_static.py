@@ -194,24 +194,25 @@ async def respond(
 
 async def serve_connection(stream: trio_uring.ZeroCopyStream, root: Path) -> None:
     conn = h11.Connection(h11.SERVER)
-    async with stream:
-        try:
-            while True:
-                event = await next_event(stream, conn)
-                if event is None or isinstance(event, h11.ConnectionClosed):
-                    return
-                if isinstance(event, h11.Request):
-                    await respond(stream, conn, event, root)
-                # Other events are the request's body (ignored) and its end.
-                if conn.our_state is h11.MUST_CLOSE:
-                    return  # "Connection: close", or HTTP/1.0
-                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                    conn.start_next_cycle()  # keep-alive: wait for the next request
-        except h11.RemoteProtocolError:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await send_error(stream, conn, 400, "Bad Request")
-        except trio.BrokenResourceError:
-            pass  # the client went away
+    try:
+        async with stream:  # on exit: what is still queued is sent, then the close
+            try:
+                while True:
+                    event = await next_event(stream, conn)
+                    if event is None or isinstance(event, h11.ConnectionClosed):
+                        return
+                    if isinstance(event, h11.Request):
+                        await respond(stream, conn, event, root)
+                    # Other events are the request's body (ignored) and its end.
+                    if conn.our_state is h11.MUST_CLOSE:
+                        return  # "Connection: close", or HTTP/1.0
+                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                        conn.start_next_cycle()  # keep-alive: wait for the next request
+            except h11.RemoteProtocolError:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await send_error(stream, conn, 400, "Bad Request")
+    except trio.BrokenResourceError:
+        pass  # the client went away, perhaps before a queued response went out
 
 
 async def main(port: int, host: str, root: Path) -> None:

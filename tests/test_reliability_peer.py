@@ -354,3 +354,31 @@ async def test_reset_of_queued_bytes_surfaces_from_the_next_call(strategy: str) 
                 await trio.sleep(0.01)
         _assert_broken_by_reset(info.value)
         await stream.aclose()
+
+
+@pytest.mark.parametrize("close", ["graceful", "forceful", "after a send_all said so"])
+async def test_aclose_reports_a_failure_of_queued_bytes_once(close: str) -> None:
+    """The kernel failed queued bytes (a failed send's completion calls
+    ZeroCopyStream.fail) before any call could say so.  A graceful aclose()
+    raises BrokenResourceError with the OSError as its cause, so the loss is
+    never silent; a cancelled one (aclose_forcefully) was told to drop the
+    queue and raises nothing; once a send_all raised it, aclose() is clean."""
+    async with trio_uring.open_manager():
+        stream, peer = stream_and_peer()
+        await stream.send_all(b"hello")
+        stream.fail(ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
+        if close == "graceful":
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await stream.aclose()
+            _assert_broken_by_reset(info.value)
+        elif close == "forceful":
+            await trio.aclose_forcefully(stream)
+        else:
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await stream.send_all(b"more")
+            _assert_broken_by_reset(info.value)
+            await stream.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"closed either way")
+        await stream.aclose()  # idempotent
+        await peer.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import math
 import operator
 import os
 import socket as _stdlib_socket
@@ -866,14 +867,22 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         once, and so it does while another task is inside ``send_all`` (that
         message is incomplete anyway; the other task gets
         ``ClosedResourceError``).  Requests in flight end with
-        ``ClosedResourceError``.  Raises ``BrokenResourceError`` if the kernel failed queued
-        bytes and no other call has said so yet; the stream is closed either
-        way.  Slices of sends still awaiting notifications return to the
-        arena when those arrive, after the socket is gone.
+        ``ClosedResourceError``.
+
+        Raises ``BrokenResourceError`` if queued bytes could not be sent (the
+        kernel failed them: a reset, ``EPIPE``) and no other call has said so
+        yet, so that a graceful close never loses data silently; wrap
+        ``async with stream:`` in the ``try`` that handles the stream's
+        errors.  A cancelled close raises no such error: its caller chose
+        to drop what was queued.  The stream is closed either way.  Slices
+        of sends still awaiting notifications return to the arena when
+        those arrive, after the socket is gone.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
+        # An error some call already raised is not raised again.
+        reported = self._send_broken is not None and not self._error_unreported
         try:
             if (
                 not self._send_conflict.busy
@@ -885,7 +894,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             else:
                 self._raise_if_broken()
         except trio.BrokenResourceError:
-            if self._error_unreported:
+            if not reported and trio.current_effective_deadline() != -math.inf:
                 raise
         finally:
             self._close_now()
