@@ -228,11 +228,13 @@ async def test_peer_process_killed_mid_send(strategy: str) -> None:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 async def test_socket_closed_by_other_code_while_idle_or_in_flow(strategy: str) -> None:
-    """Other code closes the stream's socket between sends: a lone message
-    (sent at once through the socket object) and a message of a flow (queued
-    for the tick's flush, which names the fd number) both end in
-    ClosedResourceError, the stream is not left broken, and nothing reaches a
-    new socket given the same fd number."""
+    """Other code closes the stream's socket between sends, and a new socket
+    may get its fd number.  A lone message (sent at once through the socket
+    object) fails with ClosedResourceError at once.  Bytes queued for the
+    tick's flush, which names the fd number, are dropped there, also bytes
+    queued before the socket was closed (a flow's): the next call raises
+    ClosedResourceError saying so.  Nothing reaches the new socket, the
+    stream is not left broken, and aclose() is clean once that was said."""
     async with trio_uring.open_manager(strategy=strategy) as manager:
         for in_flow in (False, True):
             stream, peer = stream_and_peer()
@@ -240,11 +242,25 @@ async def test_socket_closed_by_other_code_while_idle_or_in_flow(strategy: str) 
             await stream.send_all(b"first")
             assert await peer.receive_some(100) == b"first"
             if in_flow:
-                await stream.send_all(b"a")  # the tick after the first: a flow
+                await stream.send_all(b"a")
+                await stream.send_all(b"b")  # the tick after the last: held
+            # Every strategy but "socket" (no queue for send_all) holds b"b".
+            queued = stream.queue.nbytes
+            assert queued == (1 if in_flow and strategy != "socket" else 0)
             stream.socket.close()
             a, b = stdlib_pair()
             try:
                 with trio.fail_after(5):
+                    if queued:
+                        await trio.sleep(0)  # the tick's flush finds the socket gone
+                        with pytest.raises(trio.ClosedResourceError, match="1 bytes queued"):
+                            await stream.send_all(b"must not reach the new socket")
+                    else:
+                        with pytest.raises(trio.ClosedResourceError, match="aclose"):
+                            # Where it is queued, the flush drops it.
+                            await stream.send_all(b"must not reach the new socket")
+                            await trio.sleep(0)
+                            await stream.send_all(b"must not reach the new socket")
                     with pytest.raises(trio.ClosedResourceError, match="aclose"):
                         await stream.send_all(b"must not reach the new socket")
                     with pytest.raises(trio.ClosedResourceError):
@@ -259,6 +275,25 @@ async def test_socket_closed_by_other_code_while_idle_or_in_flow(strategy: str) 
                 a.close()
                 b.close()
             await peer.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "socket"])
+async def test_queued_bytes_of_a_closed_socket_reported_by_aclose(strategy: str) -> None:
+    """Bytes queued when other code closed the socket are dropped by the
+    flush; if no other call said so, aclose() does (BrokenResourceError)."""
+    async with trio_uring.open_manager(strategy=strategy) as manager:
+        stream, peer = stream_and_peer()
+        await stream.send_all(b"first")
+        await stream.send_all(b"second")  # the tick after the first: held
+        assert stream.queue.nbytes == len(b"second")
+        stream.socket.close()
+        await trio.sleep(0)
+        with pytest.raises(trio.BrokenResourceError, match="were not sent") as info:
+            await stream.aclose()
+        assert isinstance(info.value.__cause__, trio.ClosedResourceError)
+        await peer.aclose()
         await settle(manager)
         assert_quiet(manager)
 

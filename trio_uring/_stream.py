@@ -91,6 +91,12 @@ def check_result(res: int) -> int:
     return res
 
 
+_SOCKET_GONE = (
+    "the socket under this ZeroCopyStream was closed; close the stream with aclose() "
+    "rather than closing its socket"
+)
+
+
 def _stream_error(
     stream: ZeroCopyStream, exc: OSError, what: str
 ) -> trio.ClosedResourceError | trio.BrokenResourceError:
@@ -338,8 +344,21 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._wake()
 
     def flush(self) -> None:
-        """Hand the front of the queue to the strategy, if no send is in flight."""
+        """Hand the front of the queue to the strategy, if no send is in flight.
+
+        The request names the socket's fd number, so this is where a socket
+        closed by other code is caught for queued bytes: the number may
+        already be another socket's.  Those bytes cannot be sent; they are
+        dropped and the next call says so.
+        """
         if self.in_flight is not None or not self.queue.nbytes or self._closed:
+            return
+        if self._socket_gone():
+            self.fail(
+                trio.ClosedResourceError(
+                    f"{_SOCKET_GONE}; {self.queue.nbytes} bytes queued then were not sent"
+                )
+            )
             return
         try:
             self.strategy.flush(self)
@@ -363,10 +382,15 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("this ZeroCopyStream was closed")
         if self._socket_gone():
-            raise trio.ClosedResourceError(
-                "the socket under this ZeroCopyStream was closed; close the stream with "
-                "aclose() rather than closing its socket"
-            )
+            dropped = self._send_broken
+            if dropped is None:
+                # For good: every later send_all raises before it queues.
+                self._send_broken = trio.ClosedResourceError(_SOCKET_GONE)
+            elif self._error_unreported and isinstance(dropped, trio.ClosedResourceError):
+                # The flush found the socket gone and dropped queued bytes.
+                self._error_unreported = False
+                raise trio.ClosedResourceError(str(dropped))
+            raise trio.ClosedResourceError(_SOCKET_GONE)
 
     def _raise_if_broken(self) -> None:
         exc = self._send_broken
@@ -375,6 +399,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._error_unreported = False
         if isinstance(exc, OSError):
             raise _stream_error(self, exc, "sending queued data") from exc
+        if isinstance(exc, trio.ClosedResourceError):
+            raise trio.BrokenResourceError(str(exc)) from exc
         raise trio.BrokenResourceError(
             "an earlier send_all on this stream failed or was cancelled part way; "
             "the peer may have received a prefix of that data, so the stream is broken"
@@ -455,10 +481,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                             return
                         view = memoryview(view)[sent:]
                         nbytes -= sent
-            # What follows uses the fd number (the tick's flush, waits for
-            # writability): it must still be this stream's socket's.
-            if self.stdlib_socket.fileno() != self.fd:
-                self.check_open()
             if nbytes >= strategy.direct_min:
                 if (
                     cls is bytes
@@ -645,6 +667,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 if sent == nbytes:
                     break
         except OSError as exc:
+            self.check_open()  # its socket closed (EBADF): not a broken stream
             self.break_sending(exc)
             raise _stream_error(self, exc, "sending") from exc
         except BaseException as exc:
