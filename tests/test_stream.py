@@ -175,6 +175,59 @@ async def test_aclose_wakes_a_blocked_receiver_with_closed_resource_error(manage
         assert manager.ring.table == {}
 
 
+async def test_async_for_receives_like_receive_some(manager) -> None:
+    """``async for`` (``ZeroCopyStream.__anext__``, receive_some written
+    out): bytes already waiting, bytes it waits for, the end of the stream;
+    a cancel point that loses nothing, whether it is cancelled before it
+    looks or while it waits; receive_some's errors."""
+    left, right = await zc_tcp_pair()
+    async with right:
+        await right.send_all(b"waiting")
+        await trio.sleep(0.01)
+        chunks = aiter(left)
+        assert await anext(chunks) == b"waiting"
+        await right.send_all(b"kept")
+        await trio.sleep(0.01)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await anext(chunks)  # the checkpoint raises before a recv
+        assert scope.cancelled_caught
+        assert await anext(chunks) == b"kept"
+        with trio.move_on_after(0.05) as scope:
+            await anext(chunks)  # nothing yet: cancelled while it waits
+        assert scope.cancelled_caught
+        got = []
+
+        async def take() -> None:
+            got.append(await anext(chunks))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(trio.BusyResourceError, match="currently receiving"):
+                    await left.receive_some()
+                await right.send_all(b"later")
+            assert got == [b"later"]
+            await right.send_all(b"last")
+            await right.send_eof()
+            received = b""
+            async for chunk in left:
+                received += chunk
+            assert received == b"last"
+    await left.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await anext(aiter(left))
+    left, right = await zc_tcp_pair()
+    right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await right.aclose()
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError) as info:
+        async for _ in left:
+            pass
+    assert info.value.__cause__.errno == errno.ECONNRESET
+    await left.aclose()
+
+
 async def test_reset_by_peer_is_broken_resource_error_with_cause(manager) -> None:
     left, right = await zc_tcp_pair()
     right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0))

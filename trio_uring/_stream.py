@@ -860,23 +860,56 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 try:
                     data = self.stdlib_socket.recv(size)
                 except BlockingIOError:
-                    pass
-                else:
-                    await _cancel_shielded_checkpoint()
-                    return data
-                if self.manager.ring is None:
-                    return await self.socket.recv(size)
-                self.check_open()  # the request names the fd number: still this socket's?
-                if len(self._recv_buffer) < size:
-                    self._recv_buffer = ffi.new("char[]", size)
-                    self._recv_address = int(ffi.cast("uintptr_t", self._recv_buffer))
-                res = await self.manager.submit(prep_recv, self.fd, self._recv_address, size)
-                self.check_open()
-                return ffi.buffer(self._recv_buffer, check_result(res))[:]
+                    return await self._receive_waiting(size)
+                await _cancel_shielded_checkpoint()
+                return data
             except OSError as exc:
                 raise _stream_error(self, exc, "receiving") from exc
         finally:
             conflict.busy = False
+
+    async def __anext__(self) -> bytes:
+        """``async for data in stream``: what ``receive_some()`` returns,
+        until the end of the stream.
+
+        trio's generic ``__anext__`` awaits ``receive_some()``; this one is
+        ``receive_some()`` written out, so that each chunk costs one
+        coroutine rather than two (about 2 % of an echo server's request).
+        """
+        conflict = self._receive_conflict
+        if conflict.busy:
+            conflict.acquire()  # raises BusyResourceError
+        conflict.busy = True
+        try:
+            if self._closed:
+                self.check_open()
+            await _checkpoint_if_cancelled()
+            try:
+                try:
+                    data = self.stdlib_socket.recv(DEFAULT_RECEIVE_SIZE)
+                except BlockingIOError:
+                    data = await self._receive_waiting(DEFAULT_RECEIVE_SIZE)
+                else:
+                    await _cancel_shielded_checkpoint()
+            except OSError as exc:
+                raise _stream_error(self, exc, "receiving") from exc
+        finally:
+            conflict.busy = False
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+    async def _receive_waiting(self, size: int) -> bytes:
+        """Wait for bytes: an io_uring RECV (trio's ``recv`` without a ring)."""
+        if self.manager.ring is None:
+            return await self.socket.recv(size)
+        self.check_open()  # the request names the fd number: still this socket's?
+        if len(self._recv_buffer) < size:
+            self._recv_buffer = ffi.new("char[]", size)
+            self._recv_address = int(ffi.cast("uintptr_t", self._recv_buffer))
+        res = await self.manager.submit(prep_recv, self.fd, self._recv_address, size)
+        self.check_open()
+        return ffi.buffer(self._recv_buffer, check_result(res))[:]
 
     # -- lifetime ---------------------------------------------------------------
 
