@@ -255,11 +255,15 @@ async def test_socket_closed_by_other_code_while_idle_or_in_flow(strategy: str) 
                         await trio.sleep(0)  # the tick's flush finds the socket gone
                         with pytest.raises(trio.ClosedResourceError, match="1 bytes queued"):
                             await stream.send_all(b"must not reach the new socket")
-                    else:
+                    elif stream.strategy.sends_at_once:
+                        # A lone message goes through the socket object.
                         with pytest.raises(trio.ClosedResourceError, match="aclose"):
-                            # Where it is queued, the flush drops it.
                             await stream.send_all(b"must not reach the new socket")
-                            await trio.sleep(0)
+                    else:
+                        # Queued, for the tick's flush, which drops it.
+                        await stream.send_all(b"must not reach the new socket")
+                        await trio.sleep(0)
+                        with pytest.raises(trio.ClosedResourceError, match="29 bytes queued"):
                             await stream.send_all(b"must not reach the new socket")
                     with pytest.raises(trio.ClosedResourceError, match="aclose"):
                         await stream.send_all(b"must not reach the new socket")
@@ -280,17 +284,22 @@ async def test_socket_closed_by_other_code_while_idle_or_in_flow(strategy: str) 
 
 
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "socket"])
-async def test_queued_bytes_of_a_closed_socket_reported_by_aclose(strategy: str) -> None:
-    """Bytes queued when other code closed the socket are dropped by the
-    flush; if no other call said so, aclose() does (BrokenResourceError)."""
+@pytest.mark.parametrize("flushed", [True, False], ids=["after the flush", "before it"])
+async def test_queued_bytes_of_a_closed_socket_reported_by_aclose(
+    strategy: str, flushed: bool
+) -> None:
+    """Bytes queued when other code closed the socket are dropped, by the
+    tick's flush or by aclose() itself when it comes first; if no other call
+    said so, aclose() does (BrokenResourceError)."""
     async with trio_uring.open_manager(strategy=strategy) as manager:
         stream, peer = stream_and_peer()
         await stream.send_all(b"first")
         await stream.send_all(b"second")  # the tick after the first: held
         assert stream.queue.nbytes == len(b"second")
         stream.socket.close()
-        await trio.sleep(0)
-        with pytest.raises(trio.BrokenResourceError, match="were not sent") as info:
+        if flushed:
+            await trio.sleep(0)
+        with pytest.raises(trio.BrokenResourceError, match="6 bytes queued") as info:
             await stream.aclose()
         assert isinstance(info.value.__cause__, trio.ClosedResourceError)
         await peer.aclose()
@@ -391,29 +400,68 @@ async def test_reset_of_queued_bytes_surfaces_from_the_next_call(strategy: str) 
         await stream.aclose()
 
 
-@pytest.mark.parametrize("close", ["graceful", "forceful", "after a send_all said so"])
+CLOSES = [
+    "graceful",
+    "forceful",
+    "after a send_all said so",
+    "in a shielded finally",
+    "leaving an async with that raised",
+]
+
+
+@pytest.mark.parametrize("close", CLOSES)
 async def test_aclose_reports_a_failure_of_queued_bytes_once(close: str) -> None:
     """The kernel failed queued bytes (a failed send's completion calls
     ZeroCopyStream.fail) before any call could say so.  A graceful aclose()
     raises BrokenResourceError with the OSError as its cause, so the loss is
     never silent; a cancelled one (aclose_forcefully) was told to drop the
-    queue and raises nothing; once a send_all raised it, aclose() is clean."""
+    queue and raises nothing; once a send_all raised it, aclose() is clean;
+    and aclose() never replaces an exception already on its way out."""
     async with trio_uring.open_manager():
         stream, peer = stream_and_peer()
         await stream.send_all(b"hello")
         stream.fail(ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
         if close == "graceful":
-            with pytest.raises(trio.BrokenResourceError) as info:
+            with pytest.raises(trio.BrokenResourceError, match="queued bytes") as info:
                 await stream.aclose()
             _assert_broken_by_reset(info.value)
         elif close == "forceful":
             await trio.aclose_forcefully(stream)
-        else:
+        elif close == "after a send_all said so":
             with pytest.raises(trio.BrokenResourceError) as info:
                 await stream.send_all(b"more")
             _assert_broken_by_reset(info.value)
             await stream.aclose()
+        elif close == "in a shielded finally":
+            with trio.CancelScope() as scope:
+                try:
+                    scope.cancel()
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+            assert scope.cancelled_caught  # Cancelled went on, and was caught
+        else:
+            with pytest.raises(KeyError):
+                async with stream:
+                    raise KeyError("the body's own error")
         with pytest.raises(trio.ClosedResourceError):
             await stream.send_all(b"closed either way")
         await stream.aclose()  # idempotent
         await peer.aclose()
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "socket"])
+async def test_aclose_raises_for_bytes_queued_when_the_peer_reset(strategy: str) -> None:
+    """The peer resets while bytes wait in the queue; the stream's next call
+    is aclose(): its flush gets the kernel's error, and it raises it."""
+    async with trio_uring.open_manager(strategy=strategy):
+        client, server = stdlib_pair()
+        stream = trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(client))
+        await stream.send_all(b"first")
+        await stream.send_all(b"second")  # the tick after the first: held
+        assert stream.queue.nbytes
+        rst_close(server)
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError) as info:
+            await stream.aclose()
+        _assert_broken_by_reset(info.value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import math
 import operator
 import os
 import socket as _stdlib_socket
@@ -354,11 +353,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         if self.in_flight is not None or not self.queue.nbytes or self._closed:
             return
         if self._socket_gone():
-            self.fail(
-                trio.ClosedResourceError(
-                    f"{_SOCKET_GONE}; {self.queue.nbytes} bytes queued then were not sent"
-                )
-            )
+            self._forget_socket()
             return
         try:
             self.strategy.flush(self)
@@ -377,17 +372,30 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         may already name another socket, so it must never be used again."""
         return self.socket.fileno() != self.fd
 
+    def _forget_socket(self) -> None:
+        """Other code closed the socket: never use its fd number again.
+
+        Bytes still queued cannot be sent any more.  They are dropped, and
+        the next call says how many (``aclose`` included); every later
+        ``send_all`` raises before it queues.
+        """
+        if self.queue.nbytes:
+            self.fail(
+                trio.ClosedResourceError(
+                    f"{_SOCKET_GONE}; {self.queue.nbytes} bytes queued then were not sent"
+                )
+            )
+        elif self._send_broken is None:
+            self._send_broken = trio.ClosedResourceError(_SOCKET_GONE)
+
     def check_open(self) -> None:
         """Raise ``ClosedResourceError`` once the stream or its socket is closed."""
         if self._closed:
             raise trio.ClosedResourceError("this ZeroCopyStream was closed")
         if self._socket_gone():
+            self._forget_socket()
             dropped = self._send_broken
-            if dropped is None:
-                # For good: every later send_all raises before it queues.
-                self._send_broken = trio.ClosedResourceError(_SOCKET_GONE)
-            elif self._error_unreported and isinstance(dropped, trio.ClosedResourceError):
-                # The flush found the socket gone and dropped queued bytes.
+            if self._error_unreported and isinstance(dropped, trio.ClosedResourceError):
                 self._error_unreported = False
                 raise trio.ClosedResourceError(str(dropped))
             raise trio.ClosedResourceError(_SOCKET_GONE)
@@ -400,7 +408,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         if isinstance(exc, OSError):
             raise _stream_error(self, exc, "sending queued data") from exc
         if isinstance(exc, trio.ClosedResourceError):
-            raise trio.BrokenResourceError(str(exc)) from exc
+            raise trio.ClosedResourceError(str(exc)) from exc  # its socket was closed
         raise trio.BrokenResourceError(
             "an earlier send_all on this stream failed or was cancelled part way; "
             "the peer may have received a prefix of that data, so the stream is broken"
@@ -925,36 +933,51 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         ``ClosedResourceError``).  Requests in flight end with
         ``ClosedResourceError``.
 
-        Raises ``BrokenResourceError`` if queued bytes could not be sent (the
-        kernel failed them: a reset, ``EPIPE``) and no other call has said so
-        yet, so that a graceful close never loses data silently; wrap
-        ``async with stream:`` in the ``try`` that handles the stream's
-        errors.  A cancelled close raises no such error: its caller chose
-        to drop what was queued.  The stream is closed either way.  Slices
-        of sends still awaiting notifications return to the arena when
-        those arrive, after the socket is gone.
+        Raises ``BrokenResourceError`` if queued bytes were lost (the kernel
+        failed them: a reset, ``EPIPE``; or other code closed the socket)
+        and no other call has said so yet, so that a graceful close never
+        loses data silently: wrap ``async with stream:`` in the ``try`` that
+        handles the stream's errors.  It raises no such error when
+        cancelled (its caller chose to drop what was queued), nor while
+        another exception propagates (in a ``finally``, or leaving an
+        ``async with`` whose body raised), which it must not replace.  The
+        stream is closed either way.  Slices of sends still awaiting
+        notifications return to the arena when those arrive, after the
+        socket is gone.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
-        # An error some call already raised is not raised again.
-        reported = self._send_broken is not None and not self._error_unreported
+        lost: trio.BrokenResourceError | None = None
         try:
-            if (
-                not self._send_conflict.busy
-                and not self._socket_gone()
+            if self._socket_gone():
+                self._forget_socket()
+            elif (
+                self._send_broken is None
+                and not self._send_conflict.busy
                 and (self.queue.nbytes or self.in_flight is not None)
             ):
                 await _checkpoint_if_cancelled()
-                await self._drain()
-            else:
-                self._raise_if_broken()
-        except trio.BrokenResourceError:
-            if not reported and trio.current_effective_deadline() != -math.inf:
-                raise
+                try:
+                    await self._drain()
+                except trio.BrokenResourceError as exc:
+                    lost = exc  # new: nothing was broken when the drain began
+            if lost is None and self._error_unreported:
+                lost = self._loss_error()
         finally:
             self._close_now()
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()  # a cancelled close raises Cancelled here
+        if lost is not None and sys.exc_info()[1] is None:
+            raise lost
+
+    def _loss_error(self) -> trio.BrokenResourceError:
+        """What ``aclose`` raises for queued bytes lost without a word."""
+        exc = self._send_broken
+        assert exc is not None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        error = trio.BrokenResourceError(f"queued bytes were not sent: {why}")
+        error.__cause__ = exc
+        return error
 
     def _close_now(self) -> None:
         if self._closed:
