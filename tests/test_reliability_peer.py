@@ -37,6 +37,8 @@ import trio_uring
 
 RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE}
 STRATEGIES = available_strategies()
+#: Strategies whose send_all queues bytes ("socket" sends them at once).
+QUEUEING_STRATEGIES = [s for s in STRATEGIES if s != "socket"]
 
 
 async def _bystander(done: trio.Event, results: list[bool]) -> None:
@@ -283,7 +285,7 @@ async def test_socket_closed_by_other_code_while_idle_or_in_flow(strategy: str) 
         assert_quiet(manager)
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "socket"])
+@pytest.mark.parametrize("strategy", QUEUEING_STRATEGIES)
 @pytest.mark.parametrize("flushed", [True, False], ids=["after the flush", "before it"])
 async def test_queued_bytes_of_a_closed_socket_reported_by_aclose(
     strategy: str, flushed: bool
@@ -451,7 +453,7 @@ async def test_aclose_reports_a_failure_of_queued_bytes_once(close: str) -> None
         await peer.aclose()
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "socket"])
+@pytest.mark.parametrize("strategy", QUEUEING_STRATEGIES)
 async def test_aclose_raises_for_bytes_queued_when_the_peer_reset(strategy: str) -> None:
     """The peer resets while bytes wait in the queue; the stream's next call
     is aclose(): its flush gets the kernel's error, and it raises it."""

@@ -394,10 +394,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("this ZeroCopyStream was closed")
         if self._socket_gone():
             self._forget_socket()
-            dropped = self._send_broken
-            if self._error_unreported and isinstance(dropped, trio.ClosedResourceError):
-                self._error_unreported = False
-                raise trio.ClosedResourceError(str(dropped))
+            if self._error_unreported and isinstance(self._send_broken, trio.ClosedResourceError):
+                self._raise_if_broken()  # how many queued bytes were dropped
             raise trio.ClosedResourceError(_SOCKET_GONE)
 
     def _raise_if_broken(self) -> None:
