@@ -173,6 +173,52 @@ def test_run_ending_with_operations_in_flight_ends_cleanly() -> None:
     assert manager.closed and manager.ring.closed and manager.ring.table == {}
 
 
+class _TaskSteps(trio.abc.Instrument):
+    """Counts the steps of the tasks with one name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name == self.name:
+            self.steps += 1
+
+
+def test_socket_check_wakes_only_while_requests_are_in_flight() -> None:
+    """The socket check (``IOManager.check_sockets``) runs about once per
+    ``SOCKET_CHECK_INTERVAL`` while a request waits, and never while nothing
+    is in flight: an idle run is not woken.  In virtual time (autojump)."""
+    steps = _TaskSteps("trio_uring socket check")
+    interval = _manager.SOCKET_CHECK_INTERVAL
+    counts: dict[str, int] = {}
+    a, b = socket.socketpair()
+
+    async def main() -> None:
+        manager = current_manager()
+        await trio.testing.wait_all_tasks_blocked()
+        start = steps.steps
+        await trio.sleep(100 * interval)
+        counts["idle"] = steps.steps - start
+
+        async def stuck() -> None:
+            _buf, *args = recv_args(a)
+            await manager.submit(prep_recv, *args)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stuck)
+            await trio.testing.wait_all_tasks_blocked()
+            start = steps.steps
+            await trio.sleep(10 * interval)
+            counts["waiting"] = steps.steps - start
+            nursery.cancel_scope.cancel()
+
+    with a, b:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0), instruments=[steps])
+    assert counts["idle"] == 0
+    assert 8 <= counts["waiting"] <= 12, counts
+
+
 def test_two_runs_in_two_threads_get_their_own_ring() -> None:
     fds: list[int] = []
     errors: list[BaseException] = []

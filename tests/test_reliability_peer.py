@@ -352,6 +352,75 @@ async def test_socket_closed_by_other_code_during_receive(strategy: str) -> None
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("waiter", ["receive_some", "send_all"])
+async def test_socket_closed_by_other_code_under_a_task_waiting_on_a_silent_peer(
+    strategy: str, waiter: str
+) -> None:
+    """Other code closes the socket while a task waits on a peer that does
+    nothing: a receive with nothing to receive, or a send_all waiting for
+    room while the peer does not read.  The task's io_uring request holds
+    the socket open, so the close alone ends nothing; the manager's socket
+    check finds the closed socket, cancels the request, and the task raises
+    ClosedResourceError.  With the request gone the close takes effect: the
+    peer sees the connection end."""
+    async with trio_uring.open_manager(
+        arena_size=128 * 1024, slice_size=16 * 1024, strategy=strategy
+    ) as manager:
+        stream, peer = stream_and_peer()
+        closed = False
+
+        async def other_code() -> None:
+            nonlocal closed
+            await trio.sleep(0.2)
+            closed = True
+            stream.socket.close()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other_code)
+                # "socket" waits in trio's epoll, which says "another task
+                # closed this fd"; the others say to use aclose().
+                with pytest.raises(trio.ClosedResourceError, match="closed"):
+                    if waiter == "receive_some":
+                        await stream.receive_some()
+                    else:
+                        while True:
+                            await stream.send_all(payload(1, 256 * 1024))
+            assert closed
+            try:
+                while await peer.receive_some(1 << 20):
+                    pass
+            except trio.BrokenResourceError:
+                pass  # a reset: the kernel dropped bytes the peer had not read
+        await stream.aclose()
+        await peer.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+        await check_ring_usable()
+
+
+async def test_listener_socket_closed_by_other_code_during_accept() -> None:
+    """A task waits in accept() when other code closes the listener's socket:
+    the accept request holds it open, the manager's socket check cancels it,
+    and accept() raises ClosedResourceError rather than waiting forever."""
+    async with trio_uring.open_manager() as manager:
+        (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+
+        async def other_code() -> None:
+            await trio.sleep(0.2)
+            listener.socket.close()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other_code)
+                with pytest.raises(trio.ClosedResourceError, match="aclose"):
+                    await listener.accept()
+        await listener.aclose()
+        await settle(manager)
+        assert_quiet(manager)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 async def test_aclose_from_other_task_during_send(strategy: str) -> None:
     async with trio_uring.open_manager(
         arena_size=128 * 1024, slice_size=16 * 1024, strategy=strategy

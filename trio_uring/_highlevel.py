@@ -15,6 +15,11 @@ from ._prep import prep_accept
 from ._stream import ZeroCopyStream
 from ._util import ConflictDetector
 
+_SOCKET_GONE = (
+    "the socket under this ZeroCopyListener was closed; close the listener with aclose() "
+    "rather than closing its socket"
+)
+
 #: accept() errors that concern only the connection being accepted; trio's
 #: SocketListener skips them the same way.
 _IGNORED_ACCEPT_ERRNOS = frozenset(
@@ -54,12 +59,27 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
         if not listening:
             raise ValueError("ZeroCopyListener needs a listening socket; call listen() first")
         self.socket = socket
+        #: The fd number the accept requests name (see ``socket_lost``).
+        self.fd = socket.fileno()
         self.manager: IOManager = current_manager()
         self._multishot: Multishot | None = None
         self._closed = False
         self._accept_conflict = ConflictDetector(
             "another task is currently accepting on this ZeroCopyListener"
         )
+
+    def socket_lost(self) -> bool:
+        """``SocketOwner``: whether other code closed the listening socket
+        (its fd number is stale and may name another socket).  The manager
+        then cancels the accept request, and ``accept`` raises
+        ``ClosedResourceError`` rather than waiting forever."""
+        return self.socket.fileno() != self.fd
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this listener was closed")
+        if self.socket_lost():
+            raise trio.ClosedResourceError(_SOCKET_GONE)
 
     async def accept(self) -> ZeroCopyStream:
         """Wait for and return the next connection (a checkpoint).
@@ -81,19 +101,19 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
             if self._multishot is None or (
                 self._multishot.finished and not self._multishot.results
             ):
+                self._check_open()
                 self._multishot = manager.start_multishot(
                     prep_accept,
-                    self.socket.fileno(),
+                    self.fd,
                     _stdlib_socket.SOCK_CLOEXEC,
                     manager.features.accept_multishot,
-                    ms=Multishot(discard=_stdlib_socket.close),
+                    ms=Multishot(discard=_stdlib_socket.close, owner=self),
                 )
             res = await manager.next_result(self._multishot)
             if res is None:
                 continue
             if res < 0:
-                if self._closed:
-                    raise trio.ClosedResourceError("this listener was closed")
+                self._check_open()
                 if -res in _IGNORED_ACCEPT_ERRNOS:
                     continue
                 raise OSError(-res, errno.errorcode.get(-res, str(-res)))

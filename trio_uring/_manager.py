@@ -28,7 +28,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -67,6 +67,10 @@ SHUTDOWN_TIMEOUT = 5.0
 #: more messages (see ``IOManager.flush_tick``).  Measured with the lean
 #: loop: packing 64 4 KiB messages per send() ran 181k msg/s, 16 ran 161k.
 FLUSH_THRESHOLD = 256 * 1024
+#: Seconds between two checks for sockets that other code closed under
+#: requests in flight (``IOManager.check_sockets``): how long a task
+#: waiting on a silent peer can go on waiting after such a close.
+SOCKET_CHECK_INTERVAL = 1.0
 
 _reschedule = trio.lowlevel.reschedule
 
@@ -77,12 +81,29 @@ _reschedule = trio.lowlevel.reschedule
 _abandoned: list[object] = []
 
 
+class SocketOwner(Protocol):
+    """What a request's socket belongs to: a stream or a listener."""
+
+    def socket_lost(self) -> bool:
+        """True once other code closed the socket (its fd number is stale).
+
+        Called by ``IOManager.check_sockets`` while a request of the owner
+        is in flight; the owner forgets the socket and wakes its waiters,
+        and the manager cancels the requests.
+        """
+
+
 class Operation:
-    """A request awaited by one task: the first CQE carries its result."""
+    """A request awaited by one task: the first CQE carries its result.
 
-    __slots__ = ("raise_cancel", "res", "task")
+    ``owner``: whose socket the request names, if anyone's, so that the
+    manager's socket check can end the request once other code closed it.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("owner", "raise_cancel", "res", "task")
+
+    def __init__(self, owner: SocketOwner | None = None) -> None:
+        self.owner = owner
         self.task: Any = None
         self.res: int | None = None
         self.raise_cancel: Callable[[], Any] | None = None
@@ -150,9 +171,12 @@ class Multishot:
     accept, the new fds, which must not leak).
     """
 
-    __slots__ = ("closed", "discard", "finished", "results", "task", "user_data")
+    __slots__ = ("closed", "discard", "finished", "owner", "results", "task", "user_data")
 
-    def __init__(self, discard: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, discard: Callable[[int], None] | None = None, owner: SocketOwner | None = None
+    ) -> None:
+        self.owner = owner
         self.results: deque[int] = deque()
         self.finished = False
         self.closed = False
@@ -340,6 +364,8 @@ class IOManager:
         self._token: trio.lowlevel.TrioToken | None = None
         self._completer: Any = None
         self._completer_parked = False
+        self._watcher: Any = None
+        self._watcher_parked = False
 
     def _check_strategy(self) -> None:
         f = self.features
@@ -630,12 +656,68 @@ class IOManager:
             # wake its I/O wait so that they run now.
             self._token.run_sync_soon(_nothing)
 
+    # -- sockets closed under requests -----------------------------------------
+
+    def check_sockets(self) -> None:
+        """End the requests whose socket other code closed.
+
+        A request holds its socket's file open in the kernel, so closing the
+        socket directly (``stream.socket.close()``, not ``aclose``) ends no
+        request: a receive from a silent peer, a send the peer does not
+        read, an accept would wait forever.  trio's epoll hears of such a
+        close (``notify_closing``); io_uring cannot, so the manager looks.
+        Each in-flight request's owner says whether its socket is gone; the
+        owner then forgets the socket and wakes its waiters, and the request
+        is cancelled by its ``user_data`` (never by fd: the number may
+        already be another socket's).  Once the cancelled requests let go of
+        the file, the close takes effect and the peer sees it.
+        """
+        ring = self.ring
+        if ring is None or ring.closed or self.closed:
+            return
+        lost: dict[SocketOwner, bool] = {}
+        for user_data, entry in list(ring.table.items()):
+            owner = getattr(entry, "owner", None)
+            if owner is None:
+                continue
+            gone = lost.get(owner)
+            if gone is None:
+                gone = lost[owner] = owner.socket_lost()
+            if gone:
+                prep_cancel(ring, user_data)
+        if ring.sq_pending:
+            # Should entering the kernel fail, the cancellations stay staged
+            # for the next submission, which reports the error to its task.
+            with contextlib.suppress(OSError):
+                self.submit_prepared()
+
+    async def _watch_sockets(self) -> None:
+        """Run ``check_sockets`` every ``SOCKET_CHECK_INTERVAL`` seconds while
+        requests are in flight; park while none are (an idle run is not
+        woken).  ``_wake_completer`` wakes it, at most once per interval."""
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._watcher_parked = False
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        ring = self.ring
+        if ring is None:
+            return
+        self._watcher = trio.lowlevel.current_task()
+        while True:
+            if not ring.table:
+                self._watcher_parked = True
+                await trio.lowlevel.wait_task_rescheduled(abort)
+            await trio.sleep(SOCKET_CHECK_INTERVAL)
+            self.check_sockets()
+
     # -- lifetime -------------------------------------------------------------
 
     def start_tasks(self, spawn: Callable[..., object]) -> None:
         """Start the manager's tasks with ``spawn`` (a nursery's
         ``start_soon``, or ``spawn_system_task`` for the lazy manager)."""
         spawn(self.run, name="trio_uring completions")
+        spawn(self._watch_sockets, name="trio_uring socket check")
         self._token = trio.lowlevel.current_trio_token()
         self._instrument = _TickFlush(self)
         trio.lowlevel.add_instrument(self._instrument)
@@ -644,6 +726,10 @@ class IOManager:
         if self._completer_parked:
             self._completer_parked = False
             _reschedule(self._completer)
+            self.woke_tasks = True
+        if self._watcher_parked:
+            self._watcher_parked = False
+            _reschedule(self._watcher)
             self.woke_tasks = True
 
     async def run(self) -> None:

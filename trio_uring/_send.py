@@ -82,6 +82,12 @@ class SendRequest:
     def sent(self, res: int) -> None:
         self.stream.send_completed(self, res)
 
+    @property
+    def owner(self) -> ZeroCopyStream:
+        """The stream (``SocketOwner``): a task may wait on the result, or
+        for the slices the notification gives back."""
+        return self.stream
+
 
 class SendStrategy(Protocol):
     """Turns a stream's queued bytes into one request.

@@ -22,6 +22,7 @@ from ._manager import (
     FLUSH_THRESHOLD,
     IOManager,
     ManagerClosedError,
+    Operation,
     current_manager,
 )
 from ._prep import prep_recv
@@ -218,6 +219,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._recv_address = 0
         self._closed = False
         self._eof_sent = False
+        #: The manager's socket check cancelled the requests of this stream,
+        #: whose socket other code closed (``socket_lost``).
+        self._requests_cancelled = False
         #: Why send_all may not be used any more: it failed or was cancelled
         #: part way, or the kernel failed bytes queued earlier.
         self._send_broken: BaseException | None = None
@@ -387,6 +391,20 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             )
         elif self._send_broken is None:
             self._send_broken = trio.ClosedResourceError(_SOCKET_GONE)
+
+    def socket_lost(self) -> bool:
+        """``SocketOwner``: True, once, when other code closed the socket
+        while requests of this stream were in flight.  The stream forgets the
+        socket (as ``check_open`` does) and wakes a ``send_all`` waiting for
+        room or for its slices; the manager cancels the requests, which ends
+        a receive.  No request names the fd number after that."""
+        if self._requests_cancelled or not self._socket_gone():
+            return False
+        self._requests_cancelled = True
+        if not self._closed:
+            self._forget_socket()
+            self._wake()
+        return True
 
     def check_open(self) -> None:
         """Raise ``ClosedResourceError`` once the stream or its socket is closed."""
@@ -913,7 +931,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         if len(self._recv_buffer) < size:
             self._recv_buffer = ffi.new("char[]", size)
             self._recv_address = int(ffi.cast("uintptr_t", self._recv_buffer))
-        res = await self.manager.submit(prep_recv, self.fd, self._recv_address, size)
+        res = await self.manager.submit(
+            prep_recv, self.fd, self._recv_address, size, op=Operation(self)
+        )
         self.check_open()
         return ffi.buffer(self._recv_buffer, check_result(res))[:]
 
