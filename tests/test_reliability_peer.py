@@ -353,8 +353,9 @@ async def test_socket_closed_by_other_code_during_receive(strategy: str) -> None
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("waiter", ["receive_some", "send_all"])
+@pytest.mark.parametrize("then", ["nothing", "aclose"])
 async def test_socket_closed_by_other_code_under_a_task_waiting_on_a_silent_peer(
-    strategy: str, waiter: str
+    strategy: str, waiter: str, then: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Other code closes the socket while a task waits on a peer that does
     nothing: a receive with nothing to receive, or a send_all waiting for
@@ -362,7 +363,11 @@ async def test_socket_closed_by_other_code_under_a_task_waiting_on_a_silent_peer
     the socket open, so the close alone ends nothing; the manager's socket
     check finds the closed socket, cancels the request, and the task raises
     ClosedResourceError.  With the request gone the close takes effect: the
-    peer sees the connection end."""
+    peer sees the connection end.  If the stream's aclose() follows the
+    close, it ends the wait itself (the socket check is made too slow to
+    matter here), cancelling the requests one by one, not by the stale fd."""
+    if then == "aclose":
+        monkeypatch.setattr(trio_uring._manager, "SOCKET_CHECK_INTERVAL", 3600.0)
     async with trio_uring.open_manager(
         arena_size=128 * 1024, slice_size=16 * 1024, strategy=strategy
     ) as manager:
@@ -374,12 +379,16 @@ async def test_socket_closed_by_other_code_under_a_task_waiting_on_a_silent_peer
             await trio.sleep(0.2)
             closed = True
             stream.socket.close()
+            if then == "aclose":
+                await trio.sleep(0.05)
+                await stream.aclose()
 
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(other_code)
                 # "socket" waits in trio's epoll, which says "another task
-                # closed this fd"; the others say to use aclose().
+                # closed this fd"; the others say to use aclose(), or that
+                # the stream was closed.
                 with pytest.raises(trio.ClosedResourceError, match="closed"):
                     if waiter == "receive_some":
                         await stream.receive_some()

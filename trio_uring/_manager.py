@@ -27,7 +27,7 @@ import errno
 import warnings
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Protocol
 
 import trio
@@ -675,15 +675,21 @@ class IOManager:
         ring = self.ring
         if ring is None or ring.closed or self.closed:
             return
-        lost: dict[SocketOwner, bool] = {}
+        owners = {getattr(entry, "owner", None) for entry in ring.table.values()}
+        owners.discard(None)
+        lost = {owner for owner in owners if owner.socket_lost()}
+        if lost:
+            self.cancel_requests_of(lost)
+
+    def cancel_requests_of(self, owners: Collection[SocketOwner]) -> None:
+        """Cancel, by ``user_data``, every request in flight whose owner is
+        one of ``owners`` (a socket closed by other code: the fd number
+        cannot name it any more); no wait."""
+        ring = self.ring
+        if ring is None or ring.closed or self.closed:
+            return
         for user_data, entry in list(ring.table.items()):
-            owner = getattr(entry, "owner", None)
-            if owner is None:
-                continue
-            gone = lost.get(owner)
-            if gone is None:
-                gone = lost[owner] = owner.socket_lost()
-            if gone:
+            if getattr(entry, "owner", None) in owners:
                 prep_cancel(ring, user_data)
         if ring.sq_pending:
             # Should entering the kernel fail, the cancellations stay staged

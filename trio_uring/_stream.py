@@ -219,8 +219,8 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._recv_address = 0
         self._closed = False
         self._eof_sent = False
-        #: The manager's socket check cancelled the requests of this stream,
-        #: whose socket other code closed (``socket_lost``).
+        #: Its requests in flight were cancelled: by ``aclose``, or by the
+        #: manager's socket check once other code closed the socket.
         self._requests_cancelled = False
         #: Why send_all may not be used any more: it failed or was cancelled
         #: part way, or the kernel failed bytes queued earlier.
@@ -394,16 +394,15 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
 
     def socket_lost(self) -> bool:
         """``SocketOwner``: True, once, when other code closed the socket
-        while requests of this stream were in flight.  The stream forgets the
+        while requests of this open stream were in flight.  The stream forgets the
         socket (as ``check_open`` does) and wakes a ``send_all`` waiting for
         room or for its slices; the manager cancels the requests, which ends
         a receive.  No request names the fd number after that."""
         if self._requests_cancelled or not self._socket_gone():
             return False
         self._requests_cancelled = True
-        if not self._closed:
-            self._forget_socket()
-            self._wake()
+        self._forget_socket()
+        self._wake()
         return True
 
     def check_open(self) -> None:
@@ -1007,6 +1006,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self.queue.clear()
         if not self._socket_gone():
             self.manager.cancel_fd(self.fd)
+        elif not self._requests_cancelled:
+            # Other code closed the socket: its fd number may be another
+            # socket's by now, so the requests are cancelled one by one.
+            self.manager.cancel_requests_of({self})
+        self._requests_cancelled = True
         if self.bgid is not None:
             self.manager.unregister_buf_ring(self.bgid)
             self.bgid = None
