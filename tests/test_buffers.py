@@ -157,33 +157,3 @@ def test_arena_validates_its_configuration() -> None:
         RegisteredArena(2 << 30, 1 << 20)
     with pytest.raises(TypeError):
         RegisteredArena(4096.0, 1024)  # type: ignore[arg-type]
-
-
-def test_arena_serves_waiters_fifo_without_barging() -> None:
-    arena = RegisteredArena(2 * 1024, 1024)
-    held = arena.acquire(5)
-    assert held == [0, 1] and arena.acquire(1) == []
-    got: list[tuple[str, list[int]]] = []
-    arena.request(1, lambda s: got.append(("a", s)))
-    ticket_b = arena.request(2, lambda s: got.append(("b", s)))
-    arena.request(1, lambda s: got.append(("c", s)))
-    arena.release([0])
-    assert got == [("a", [0])]
-    # A newcomer may not take slices while others queue.
-    arena.release([1])
-    assert arena.acquire(1) == []
-    assert got[-1] == ("b", [1])
-    arena.withdraw(ticket_b)  # already granted: no effect
-    arena.release([0, 1])
-    assert got[-1] == ("c", [1]) and arena.free_count == 1  # last released, first out
-
-
-def test_withdrawn_waiter_passes_its_turn() -> None:
-    arena = RegisteredArena(1024, 1024)
-    arena.acquire(1)
-    got: list[str] = []
-    ticket = arena.request(1, lambda s: got.append("a"))
-    arena.request(1, lambda s: got.append("b"))
-    arena.withdraw(ticket)
-    arena.release([0])
-    assert got == ["b"]

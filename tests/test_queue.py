@@ -355,30 +355,16 @@ def test_write_crosses_slices_through_new_tail() -> None:
     assert sorted(queue.refs) == [1, 1, 1, 2]
 
 
-def test_write_takes_no_slice_while_tasks_queue_for_slices() -> None:
-    # The arena serves tasks in order: a queue writing outside the arena's
-    # waiters must not take the slice a queued task is owed.
-    arena = RegisteredArena(4 * 64, 64)
-    queue = OutboundQueue(arena, 4)
-    granted: list[list[int]] = []
-    arena.request(1, granted.append)
-    assert queue.write(b"x" * 10) == 0 and queue.held == 0 and not queue.unsent
-    arena.serve()
-    assert granted == [[0]]
-    assert queue.write(b"x" * 10) == 10 and queue.held == 1
-
-
-def test_a_slice_a_queue_lets_go_of_goes_to_the_tasks_queued_for_slices() -> None:
+def test_a_slice_a_queue_lets_go_of_goes_back_to_the_arena() -> None:
     arena = RegisteredArena(2 * 64, 64)
     queue = OutboundQueue(arena, 2)
     assert queue.write(bytes(128)) == 128 and arena.free_count == 0
-    granted: list[list[int]] = []
-    arena.request(1, granted.append)
+    assert not queue.writable and not arena.available
     first = queue.take(1)  # the full first slice; the second is the tail
     queue.release(first)
-    assert granted == [[first[0][2]]] and queue.held == 1
+    assert arena.free_slices == [first[0][2]] and queue.held == 1
     queue.consume(queue.nbytes)
-    assert queue.held == 0 and arena.free_count == 1 and set(queue.refs) == {0}
+    assert queue.held == 0 and arena.free_count == 2 and set(queue.refs) == {0}
 
 
 def test_on_free_hears_of_every_slice_returned_and_every_release() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import pathlib
 import resource
 import shutil
 import subprocess
@@ -18,8 +19,10 @@ import sys
 
 import pytest
 import trio
+import trio.testing
 from _reliability_helpers import (
     assert_quiet,
+    available_strategies,
     check_ring_usable,
     drain,
     env_int,
@@ -28,6 +31,7 @@ from _reliability_helpers import (
     run_python,
     settle,
     stdlib_pair,
+    stream_and_peer,
     stream_pair,
 )
 from trio_uring._shim_cffi import lib
@@ -69,6 +73,67 @@ async def test_two_slice_arena_under_64_streams() -> None:
         pairs = [stream_pair() for _ in range(64)]
         with trio.fail_after(60):
             await _transfer(pairs, [200_000] * 64, "two-slices")
+        await settle(manager)
+        assert_quiet(manager)
+
+
+async def _other_sends_without_the_arena(tmp_path: pathlib.Path) -> None:
+    """With every slice taken: wait_send_all_might_not_block returns,
+    reserve() hands out plain memory, and a small send_file reads past the
+    arena; every byte arrives, in order."""
+    body = payload(5, 20_000)
+    path = tmp_path / "body"
+    path.write_bytes(body)
+    a, b = stream_pair()
+    got = bytearray()
+    async with a, b, trio.open_nursery() as nursery:
+        nursery.start_soon(drain, b, got)
+        await a.wait_send_all_might_not_block()
+        async with a.reserve(1000) as view:
+            view[:] = b"r" * 1000
+        assert await a.send_file(path, 0, len(body)) == len(body)
+        await a.send_all(b"end")
+        await a.send_eof()
+    assert bytes(got) == b"r" * 1000 + body + b"end"
+
+
+@pytest.mark.parametrize("strategy", [s for s in available_strategies() if s != "socket"])
+async def test_peers_that_stop_reading_do_not_stall_other_streams(
+    strategy: str, tmp_path: pathlib.Path
+) -> None:
+    """Four peers stop reading while their streams hold the whole arena
+    (each its share, a quarter, pinned by a send the peer never takes).
+    Another stream's send_all must not wait for those peers: it sends
+    without the arena, from the caller's buffer, as a plain socket would,
+    and its data arrives intact."""
+    async with trio_uring.open_manager(
+        arena_size=8 * 16384, slice_size=16384, strategy=strategy
+    ) as manager:
+        arena = manager.arena
+        stalled = [stream_and_peer() for _ in range(4)]
+
+        async def fill(stream: trio_uring.ZeroCopyStream) -> None:
+            chunk = payload(9, 16384)
+            while True:
+                await stream.send_all(chunk)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as stalls:
+                for stream, _peer in stalled:
+                    stalls.start_soon(fill, stream)
+                while arena.free_count:
+                    await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                assert arena.free_count == 0
+                a, b = stream_pair()
+                await _transfer([(a, b)], [1 << 20], "beside-stalled-peers")
+                assert manager.stats()["arena_full_sends"] > 0
+                await _other_sends_without_the_arena(tmp_path)
+                assert arena.free_count == 0
+                stalls.cancel_scope.cancel()
+        for stream, peer in stalled:
+            await trio.aclose_forcefully(stream)
+            await peer.aclose()
         await settle(manager)
         assert_quiet(manager)
 

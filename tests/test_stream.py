@@ -595,17 +595,25 @@ async def test_a_message_sent_at_once_to_a_reset_peer_raises_broken() -> None:
 
 
 async def test_cancelled_after_a_partial_send_at_once_the_stream_is_broken() -> None:
-    """The socket took part of a message at once and no slice was free for
-    the rest: the peer has a prefix, so a cancel must break the stream even
-    though nothing was queued."""
+    """The socket took part of a message at once, no slice was free for the
+    rest (other streams held them all) and the socket had no room for it:
+    the peer has a prefix, so a cancel must break the stream even though
+    nothing was queued."""
     if not trio_uring.features().io_uring:
         pytest.skip("the copy strategy needs io_uring")
     async with trio_uring.open_manager(strategy="copy") as manager:
         left, right = await zc_tcp_pair()
         fix_buffers(left, right)
-        taken = manager.arena.acquire(manager.arena.n_slices)
+        free = manager.arena.free_slices
+        taken = free[:]
+        free.clear()
         try:
             async with left, right:
+                # A full socket with a little room made again: the lone
+                # message's send() takes part of it, and then nothing more.
+                await clog(left)
+                await right.receive_some(65536)
+                await trio.sleep(0.05)
                 message = b"m" * 60_000
                 with trio.move_on_after(0.2) as scope:
                     await left.send_all(message)
@@ -614,7 +622,7 @@ async def test_cancelled_after_a_partial_send_at_once_the_stream_is_broken() -> 
                 with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
                     await left.send_all(b"next")
         finally:
-            manager.arena.release(taken)
+            free.extend(taken)
 
 
 async def test_send_all_after_the_manager_shut_down_says_so() -> None:

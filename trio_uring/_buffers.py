@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import array
 import mmap
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import _abi
@@ -72,14 +71,6 @@ def decode_fixed_provided(addr: int, index_bits: int | None = None) -> tuple[int
     """``(buf_index, offset)`` as a kernel with this split reads ``addr``."""
     split = fixed_provided_split(index_bits)
     return addr & split.max_index, addr >> split.index_bits
-
-
-class _Ticket:
-    __slots__ = ("grant", "max_slices")
-
-    def __init__(self, max_slices: int, grant: Callable[[list[int]], None]) -> None:
-        self.max_slices = max_slices
-        self.grant = grant
 
 
 class ContentFullError(MemoryError):
@@ -146,10 +137,10 @@ class RegisteredArena:
     """Memory registered with the ring as one fixed buffer, cut into slices.
 
     Slices are identified by their number, which is also the ``bid`` of the
-    provided-buffer entries that carry them.  ``acquire`` hands out free
-    slices at once when nobody is queued; otherwise the caller queues with
-    ``request`` and is granted slices in FIFO order as they are released, so
-    many streams sharing a small arena all make progress.
+    provided-buffer entries that carry them.  Nothing ever waits here for a
+    slice: a stream that finds none free while its share has room sends
+    without the arena (``ZeroCopyStream._wait_for_room``), so that streams
+    holding every slice for peers that stopped reading stall no one else.
     """
 
     def __init__(
@@ -189,10 +180,8 @@ class RegisteredArena:
         #: Free slices, taken last in first out: the slice released last is
         #: the one most likely still in the CPU's caches.  The outbound
         #: queues' C core takes from and returns to this list directly, by
-        #: the rules of ``acquire`` and ``serve``.
+        #: the same rule.
         self.free_slices: list[int] = list(range(n_slices - 1, -1, -1))
-        #: Tasks queued for slices (``request``), served first come first served.
-        self.waiters: deque[_Ticket] = deque()
         #: References to each slice, kept by the outbound queues (``_queue``).
         self.refs = [0] * n_slices
         #: Bytes copied in user space into this memory: by the outbound
@@ -205,48 +194,10 @@ class RegisteredArena:
         return len(self.free_slices)
 
     @property
-    def waiting(self) -> int:
-        return len(self.waiters)
-
-    @property
     def available(self) -> bool:
-        """True when ``acquire`` would hand out a slice now."""
-        return bool(self.free_slices) and not self.waiters
+        """True when a slice is free."""
+        return bool(self.free_slices)
 
-    def acquire(self, max_slices: int) -> list[int]:
-        """Take up to ``max_slices`` free slices now; [] if none or others queue first."""
-        if self.waiters or not self.free_slices:
-            return []
-        return self._take(max_slices)
-
-    def _take(self, max_slices: int) -> list[int]:
-        free = self.free_slices
-        n = min(max_slices, len(free))
-        return [free.pop() for _ in range(n)]
-
-    def request(self, max_slices: int, grant: Callable[[list[int]], None]) -> _Ticket:
-        """Queue for slices; ``grant(slices)`` is called once some are released."""
-        ticket = _Ticket(max_slices, grant)
-        self.waiters.append(ticket)
-        return ticket
-
-    def withdraw(self, ticket: _Ticket) -> None:
-        """Leave the queue (the waiter was cancelled before being granted)."""
-        try:
-            self.waiters.remove(ticket)
-        except ValueError:
-            pass
-        self.serve()
-
-    def release(self, slices: Iterable[int]) -> None:
-        self.free_slices.extend(slices)
-        self.serve()
-
-    def serve(self) -> None:
-        """Hand free slices to the tasks queued for them, in order."""
-        while self.waiters and self.free_slices:
-            ticket = self.waiters.popleft()
-            ticket.grant(self._take(ticket.max_slices))
 
 
 class ProvidedRing:

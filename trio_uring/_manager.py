@@ -358,6 +358,9 @@ class IOManager:
         self.ticker = Ticker(self.flush_tick)
         #: Stream send requests whose result CQE has not arrived.
         self.sends_in_flight = 0
+        #: Sends that found every free slice taken by other streams and went
+        #: without the arena (``ZeroCopyStream._wait_for_room``).
+        self.arena_full_sends = 0
         #: Set when a completion or flush made a task runnable.
         self.woke_tasks = False
         self._instrument: _TickFlush | None = None
@@ -567,32 +570,6 @@ class IOManager:
         arena.view[offset : offset + nbytes] = view
         arena.copied[0] += nbytes
         return RegisteredContent(self, ContentAllocation(arena, offset, nbytes), offset, nbytes)
-
-    async def acquire_slices(self, max_slices: int) -> list[int]:
-        """Up to ``max_slices`` free slices, waiting (FIFO) while none are free.
-
-        Waiting is the backpressure of zero-copy sending: slices come back
-        only as the kernel's notifications arrive.
-        """
-        slices = self.arena.acquire(max_slices)
-        if slices:
-            return slices
-        task = trio.lowlevel.current_task()
-        granted: list[int] = []
-
-        def grant(s: list[int]) -> None:
-            granted.extend(s)
-            _reschedule(task)
-            self.woke_tasks = True
-
-        ticket = self.arena.request(max_slices, grant)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self.arena.withdraw(ticket)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        return granted
 
     # -- the outbound queues' flush -------------------------------------------
 
@@ -852,6 +829,7 @@ class IOManager:
             "in_flight": len(self.ring.table) if self.ring else 0,
             "arena_free_slices": self.arena.free_count,
             "arena_slices": self.arena.n_slices,
+            "arena_full_sends": self.arena_full_sends,
             "copying_routes": sorted(self.copying.routes),
         }
 

@@ -59,8 +59,6 @@ class OutboundQueue(QueueCore):
             arena.refs,
             deque(),
             arena.free_slices,
-            arena.waiters,
-            arena.serve,
             limit,
             arena.copied,
         )
@@ -81,11 +79,9 @@ class OutboundQueue(QueueCore):
     # - ``_append(start, nbytes)``: queue ``nbytes`` just written at the
     #   tail's fill point, extending the last segment when it ends there.
     # - ``hold(data)``: queue a ``bytes`` object by reference.
-    # - ``_new_tail(granted=-1)``: drop the full tail and make ``granted``
-    #   (just taken from the arena) or else a free slice the tail; False if
-    #   none may be taken (the queue holds ``limit`` slices, or the arena has
-    #   none, or tasks queue for slices first).  ``write`` calls it every
-    #   ``slice_size`` bytes.
+    # - ``_new_tail()``: drop the full tail and make a free slice the tail;
+    #   False if none may be taken (the queue holds ``limit`` slices, or the
+    #   arena has none).  ``write`` calls it every ``slice_size`` bytes.
     # - ``unref(owner)``: drop one count of a segment's owner: a slice (back
     #   to the arena at zero), registered content, or held bytes (nothing).
     # - ``consume(nbytes)``: the first ``nbytes`` queued bytes were copied by
@@ -140,10 +136,6 @@ class OutboundQueue(QueueCore):
         self.held -= 1
         self.tail = -1
         self.fill = 0
-
-    def adopt(self, slice_id: int) -> None:
-        """Make ``slice_id`` (just taken from the arena) the new tail."""
-        self._new_tail(slice_id)
 
     @property
     def writable(self) -> bool:

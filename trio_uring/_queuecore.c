@@ -13,10 +13,7 @@
  * request or a plain send is done with a segment, and returning a slice to
  * the free list when its count reaches zero.  These run once per slice,
  * every few small messages, and in Python they were most of what a slice
- * cost.  The arena's own rules stay in Python (_buffers.py) and are called
- * from here: a slice is taken only while no task queues for slices, and a
- * released slice goes to the tasks queueing first (the arena's _serve).
- * Everything else about the queue (requests taking segments, requeueing
+ * cost.  Everything else about the queue (requests taking segments, requeueing
  * after a short send, reserve and commit) lives in the Python subclass
  * OutboundQueue (_queue.py).
  *
@@ -44,8 +41,6 @@ typedef struct {
     Py_ssize_t held;      /* slices this queue holds: tail, queued, or read in flight */
     Py_ssize_t limit;     /* the most slices it may hold (its share of the arena) */
     PyObject *free;       /* list: the arena's free slices, taken from the end */
-    PyObject *waiters;    /* the arena's queue of tasks waiting for slices */
-    PyObject *serve;      /* the arena's _serve(): hands released slices to waiters */
     PyObject *on_free;    /* called when this queue may have gained room, or None */
 } QueueCore;
 
@@ -56,20 +51,16 @@ static PyObject *str_unref;
 static int
 QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"arena", "slice_size", "refs", "unsent", "free", "waiters",
-                             "serve", "limit", "copied_total", NULL};
-    PyObject *arena, *refs, *unsent, *free, *waiters, *serve, *total = Py_None;
+    static char *kwlist[] = {"arena", "slice_size", "refs", "unsent", "free", "limit",
+                             "copied_total", NULL};
+    PyObject *arena, *refs, *unsent, *free, *total = Py_None;
     Py_ssize_t slice_size, limit;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnO!OO!OOn|O", kwlist, &arena, &slice_size,
-                                     &PyList_Type, &refs, &unsent, &PyList_Type, &free,
-                                     &waiters, &serve, &limit, &total))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnO!OO!n|O", kwlist, &arena, &slice_size,
+                                     &PyList_Type, &refs, &unsent, &PyList_Type, &free, &limit,
+                                     &total))
         return -1;
     if (slice_size <= 0) {
         PyErr_SetString(PyExc_ValueError, "slice_size must be positive");
-        return -1;
-    }
-    if (!PyCallable_Check(serve)) {
-        PyErr_SetString(PyExc_TypeError, "serve must be callable");
         return -1;
     }
     if (self->arena.obj != NULL)
@@ -106,8 +97,6 @@ QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->refs, Py_NewRef(refs));
     Py_XSETREF(self->unsent, Py_NewRef(unsent));
     Py_XSETREF(self->free, Py_NewRef(free));
-    Py_XSETREF(self->waiters, Py_NewRef(waiters));
-    Py_XSETREF(self->serve, Py_NewRef(serve));
     Py_XSETREF(self->on_free, Py_NewRef(Py_None));
     return 0;
 }
@@ -118,8 +107,6 @@ QueueCore_traverse(QueueCore *self, visitproc visit, void *arg)
     Py_VISIT(self->unsent);
     Py_VISIT(self->refs);
     Py_VISIT(self->free);
-    Py_VISIT(self->waiters);
-    Py_VISIT(self->serve);
     Py_VISIT(self->on_free);
     /* The arena's buffer is not visited: nothing in it refers back to a
      * queue, and a collection must never release it while a queue lives. */
@@ -132,8 +119,6 @@ QueueCore_clear(QueueCore *self)
     Py_CLEAR(self->unsent);
     Py_CLEAR(self->refs);
     Py_CLEAR(self->free);
-    Py_CLEAR(self->waiters);
-    Py_CLEAR(self->serve);
     Py_CLEAR(self->on_free);
     return 0;
 }
@@ -211,18 +196,8 @@ notify_free(QueueCore *self)
     return discard(PyObject_CallNoArgs(self->on_free));
 }
 
-static Py_ssize_t
-waiting_for_slices(QueueCore *self)
-{
-    if (self->waiters == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "the queue was not initialised");
-        return -1;
-    }
-    return PyObject_Length(self->waiters);
-}
-
 /* Drop one count of slice; at zero the slice goes back to the arena's
- * free list (to the tasks queueing for slices first, by the arena's rule). */
+ * free list. */
 static int
 unref_slice(QueueCore *self, Py_ssize_t slice)
 {
@@ -238,11 +213,6 @@ unref_slice(QueueCore *self, Py_ssize_t slice)
     int rc = PyList_Append(self->free, id);
     Py_DECREF(id);
     if (rc < 0)
-        return -1;
-    Py_ssize_t waiting = waiting_for_slices(self);
-    if (waiting < 0)
-        return -1;
-    if (waiting && discard(PyObject_CallNoArgs(self->serve)) < 0)
         return -1;
     return notify_free(self);
 }
@@ -281,12 +251,11 @@ drop_idle_tail(QueueCore *self)
     return unref_slice(self, tail);
 }
 
-/* Drop the full tail and make the next slice the tail: granted (just taken
- * from the arena) or else the free slice taken last, if this queue is under
- * its limit and no task queues for slices.  1: done; 0: no slice may be
- * taken now; -1: error. */
+/* Drop the full tail and make the free slice taken last the tail, if this
+ * queue is under its limit and the arena has a free slice.  1: done; 0: no
+ * slice may be taken now; -1: error. */
 static int
-new_tail(QueueCore *self, Py_ssize_t granted)
+new_tail(QueueCore *self)
 {
     if (self->tail >= 0) {
         Py_ssize_t old = self->tail;
@@ -294,21 +263,16 @@ new_tail(QueueCore *self, Py_ssize_t granted)
         if (unref_slice(self, old) < 0)
             return -1;
     }
-    if (granted < 0) {
-        if (self->held >= self->limit)
-            return 0;
-        Py_ssize_t waiting = waiting_for_slices(self);
-        if (waiting < 0)
-            return -1;
-        Py_ssize_t n = PyList_GET_SIZE(self->free);
-        if (waiting || !n)
-            return 0;
-        granted = PyLong_AsSsize_t(PyList_GET_ITEM(self->free, n - 1));
-        if (granted == -1 && PyErr_Occurred())
-            return -1;
-        if (PyList_SetSlice(self->free, n - 1, n, NULL) < 0)
-            return -1;
-    }
+    if (self->held >= self->limit)
+        return 0;
+    Py_ssize_t n = PyList_GET_SIZE(self->free);
+    if (!n)
+        return 0;
+    Py_ssize_t granted = PyLong_AsSsize_t(PyList_GET_ITEM(self->free, n - 1));
+    if (granted == -1 && PyErr_Occurred())
+        return -1;
+    if (PyList_SetSlice(self->free, n - 1, n, NULL) < 0)
+        return -1;
     if (ref_count(self, granted) < 0 || set_int_item(self->refs, granted, 1) < 0)
         return -1;
     self->held += 1;
@@ -319,19 +283,9 @@ new_tail(QueueCore *self, Py_ssize_t granted)
 }
 
 static PyObject *
-QueueCore_new_tail(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
+QueueCore_new_tail(QueueCore *self, PyObject *Py_UNUSED(ignored))
 {
-    Py_ssize_t granted = -1;
-    if (nargs > 1) {
-        PyErr_SetString(PyExc_TypeError, "_new_tail(granted=-1) takes at most one argument");
-        return NULL;
-    }
-    if (nargs == 1) {
-        granted = PyLong_AsSsize_t(args[0]);
-        if (granted == -1 && PyErr_Occurred())
-            return NULL;
-    }
-    int ok = new_tail(self, granted);
+    int ok = new_tail(self);
     if (ok < 0)
         return NULL;
     return PyBool_FromLong(ok);
@@ -535,7 +489,7 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
     char *base = self->arena.buf;
     while (pos < total) {
         if (self->tail < 0 || self->fill == self->slice_size) {
-            int ok = new_tail(self, -1);
+            int ok = new_tail(self);
             if (ok < 0)
                 goto error;
             if (!ok)
@@ -600,9 +554,9 @@ static PyMethodDef QueueCore_methods[] = {
      "_append(start, nbytes)\n\nQueue nbytes just written at start, the tail's fill point."},
     {"hold", (PyCFunction)QueueCore_hold, METH_O,
      "hold(data)\n\nQueue a bytes object by reference: no copy, no slice."},
-    {"_new_tail", (PyCFunction)(void (*)(void))QueueCore_new_tail, METH_FASTCALL,
-     "_new_tail(granted=-1) -> bool\n\nDrop the full tail and make granted, or else a free "
-     "slice, the tail; False if no slice may be taken now."},
+    {"_new_tail", (PyCFunction)QueueCore_new_tail, METH_NOARGS,
+     "_new_tail() -> bool\n\nDrop the full tail and make a free slice the tail; False if "
+     "no slice may be taken now."},
     {"unref", (PyCFunction)QueueCore_unref, METH_O,
      "unref(owner)\n\nDrop one count of a segment's owner; a slice whose count reaches zero "
      "goes back to the arena."},

@@ -442,7 +442,9 @@ async def _send_read(stream: ZeroCopyStream, fd: int, offset: int, count: int) -
     request), the bytes are queued like ``send_all``'s, and the send path
     sends them with the stream's strategy: zero copy from the slices where
     the kernel does it.  The kernel writes only into bytes the queue has
-    reserved, which no request reads until they are committed.
+    reserved, which no request reads until they are committed.  When other
+    streams hold every free slice, the rest goes by splice (no slice needed)
+    rather than wait for them.
     """
     manager = stream.manager
     queue = stream.queue
@@ -453,7 +455,15 @@ async def _send_read(stream: ZeroCopyStream, fd: int, offset: int, count: int) -
         want = min(room or slice_size, count - sent)
         view = queue.reserve(want)
         while view is None:
-            await stream._wait_for_room()
+            if not await stream._wait_for_room():
+                # Every slice is held by other streams: send the rest
+                # without the arena, after what is queued.
+                await stream._drain()
+                if "SPLICE" in manager.features.ops:
+                    await _send_splice(stream, fd, offset + sent, count - sent)
+                else:
+                    await _send_sendfile(stream, fd, offset + sent, count - sent)
+                return
             stream.check_open()
             view = queue.reserve(want)
         view.release()

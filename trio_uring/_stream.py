@@ -119,7 +119,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     zero-copy notification says it no longer reads it.  The queue is
     bounded by the stream's share of the arena: when it is full,
     ``send_all`` waits (the backpressure), and ``wait_send_all_might_not_block``
-    waits for the same thing.
+    waits for the same thing.  A stream never waits for slices other
+    streams hold (their peers may have stopped reading): with none free it
+    sends without the arena, as a plain socket would.
 
     Where the kernel copies anyway (loopback, veth, AF_UNIX) the stream
     sends with plain nonblocking ``send()`` calls, payloads of
@@ -232,7 +234,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         #: Tasks parked in ``_progress``: a plain count, because asking the
         #: ParkingLot (a Python ``__len__``) on every freed slice is not free.
         self._parked = 0
-        self._wait_scope: trio.CancelScope | None = None
         # Coalescing state for the manager's per-tick flush: whether the
         # stream is on the ticker's pending list, the last tick it queued bytes in,
         # and the tick at whose end its queue may be held for more messages
@@ -631,11 +632,17 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 return
             await self._park()
 
-    async def _wait_for_room(self) -> None:
-        """Backpressure: flush, then wait until ``write`` can make progress:
-        for this stream's own slices to come back while it holds its whole
-        share, or for a free slice of the arena (first come, first served)
-        while other streams hold them all."""
+    async def _wait_for_room(self) -> bool:
+        """Backpressure: flush, then wait while this stream holds its whole
+        share of the arena, for its own slices to come back (as its peer
+        takes its bytes).  True once ``write`` can make progress.
+
+        False when the share has room but the arena has no free slice: other
+        streams hold them all, maybe for peers that stopped reading, and
+        waiting for them would tie this stream to their peers.  The caller
+        then sends without the arena, from plain memory, as a socket would
+        (the kernel copies), after the bytes queued before.
+        """
         queue = self.queue
         self._flush_now()
         while True:
@@ -643,18 +650,13 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("the stream was closed while a send waited")
             if queue.writable or self._send_broken is not None:
                 break
-            if queue.at_limit:
-                await self._park()
-                continue
-            with trio.CancelScope() as scope:
-                self._wait_scope = scope
-                try:
-                    queue.adopt((await self.manager.acquire_slices(1))[0])
-                finally:
-                    self._wait_scope = None
-            if scope.cancelled_caught:
-                raise trio.ClosedResourceError("the stream was closed while a send waited")
+            if not queue.at_limit:
+                self._raise_if_broken()
+                self.manager.arena_full_sends += 1
+                return False
+            await self._park()
         self._raise_if_broken()
+        return True
 
     async def _write_waiting(
         self, view: memoryview, pos: int, *, prefix_sent: bool = False
@@ -665,7 +667,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """
         try:
             while pos < view.nbytes:
-                await self._wait_for_room()
+                if not await self._wait_for_room():
+                    await self._send_direct(view[pos:])
+                    return
                 self.check_open()
                 pos = self.queue.write(view, pos)
         except BaseException as exc:
@@ -759,7 +763,15 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             await _checkpoint_if_cancelled()
             view = self.queue.reserve(nbytes)
             while view is None:
-                await self._wait_for_room()
+                if not await self._wait_for_room():
+                    # Every slice is held by other streams: the block writes
+                    # into plain memory, sent from there when it ends.
+                    unregistered = memoryview(bytearray(nbytes))
+                    yield unregistered
+                    self.check_open()
+                    await self._send_direct(unregistered)
+                    await _cancel_shielded_checkpoint()
+                    return
                 self.check_open()
                 view = self.queue.reserve(nbytes)
             try:
@@ -808,8 +820,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until ``send_all`` could queue at least one byte (a checkpoint).
 
-        That is: until the stream's share of the arena has room (under the
-        ``socket`` strategy, until the socket is writable).  Raises
+        That is: until the stream's share of the arena has room, and while
+        other streams hold every free slice (or under the ``socket``
+        strategy) until the socket is writable.  Raises
         ``BrokenResourceError`` once the kernel failed queued bytes.
         """
         with self._send_conflict:
@@ -819,8 +832,10 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             if self.manager.ring is None:
                 await trio.lowlevel.wait_writable(self.fd)
                 return
-            if not self.queue.writable:
-                await self._wait_for_room()
+            if not self.queue.writable and not await self._wait_for_room():
+                # send_all would send without the arena: wait for the socket.
+                await trio.lowlevel.wait_writable(self.fd)
+                return
             await _cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
@@ -1001,8 +1016,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             return
         self._closed = True
         self._error_unreported = False
-        if self._wait_scope is not None:
-            self._wait_scope.cancel()
         self.queue.clear()
         if not self._socket_gone():
             self.manager.cancel_fd(self.fd)
