@@ -458,6 +458,7 @@ async def _send_read(stream: ZeroCopyStream, fd: int, offset: int, count: int) -
             if not await stream._wait_for_room():
                 # Every slice is held by other streams: send the rest
                 # without the arena, after what is queued.
+                manager.arena_full_sends += 1
                 await stream._drain()
                 if "SPLICE" in manager.features.ops:
                     await _send_splice(stream, fd, offset + sent, count - sent)

@@ -652,7 +652,6 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 break
             if not queue.at_limit:
                 self._raise_if_broken()
-                self.manager.arena_full_sends += 1
                 return False
             await self._park()
         self._raise_if_broken()
@@ -668,6 +667,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         try:
             while pos < view.nbytes:
                 if not await self._wait_for_room():
+                    self.manager.arena_full_sends += 1
                     await self._send_direct(view[pos:])
                     return
                 self.check_open()
@@ -766,6 +766,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 if not await self._wait_for_room():
                     # Every slice is held by other streams: the block writes
                     # into plain memory, sent from there when it ends.
+                    self.manager.arena_full_sends += 1
                     unregistered = memoryview(bytearray(nbytes))
                     yield unregistered
                     self.check_open()
