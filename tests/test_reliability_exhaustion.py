@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import pathlib
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -77,24 +79,87 @@ async def test_two_slice_arena_under_64_streams() -> None:
         assert_quiet(manager)
 
 
-async def _other_sends_without_the_arena(tmp_path: pathlib.Path) -> None:
+async def _other_sends_without_the_arena(
+    manager: trio_uring.IOManager, tmp_path: pathlib.Path
+) -> None:
     """With every slice taken: wait_send_all_might_not_block returns,
-    reserve() hands out plain memory, and a small send_file reads past the
+    reserve() hands out plain memory, and a small send_file goes past the
     arena; every byte arrives, in order."""
     body = payload(5, 20_000)
     path = tmp_path / "body"
     path.write_bytes(body)
     a, b = stream_pair()
     got = bytearray()
+
+    def without_the_arena() -> int:
+        return manager.stats()["arena_full_sends"]  # type: ignore[return-value]
+
     async with a, b, trio.open_nursery() as nursery:
         nursery.start_soon(drain, b, got)
         await a.wait_send_all_might_not_block()
+        before = without_the_arena()
         async with a.reserve(1000) as view:
             view[:] = b"r" * 1000
+        assert without_the_arena() == before + 1
         assert await a.send_file(path, 0, len(body)) == len(body)
+        assert without_the_arena() == before + 2
         await a.send_all(b"end")
         await a.send_eof()
     assert bytes(got) == b"r" * 1000 + body + b"end"
+
+
+async def _fill_socket(stream: trio_uring.ZeroCopyStream) -> int:
+    """Write into the socket until it takes nothing more; return how much.
+    Loopback moves bytes on to the peer meanwhile: fill until a pause frees
+    nothing."""
+    filled, idle_rounds = 0, 0
+    while idle_rounds < 2:
+        written = 0
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    written += os.write(stream.fd, b"f" * size)
+            except BlockingIOError:
+                pass
+        filled += written
+        idle_rounds = 0 if written else idle_rounds + 1
+        await trio.sleep(0.02)
+    return filled
+
+
+@pytest.mark.parametrize("strategy", [s for s in available_strategies() if s != "socket"])
+async def test_reserve_past_a_full_arena_cancelled_before_its_block_loses_nothing(
+    strategy: str,
+) -> None:
+    """Every slice is taken and the socket is full: reserve() waits for the
+    socket before it hands out plain memory, so a cancellation there runs no
+    block, sends nothing and leaves the stream usable."""
+    async with trio_uring.open_manager(strategy=strategy) as manager:
+        free = manager.arena.free_slices
+        taken = free[:]
+        free.clear()
+        try:
+            a, b = stream_pair()
+            async with a, b:
+                for stream in (a, b):
+                    stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                    stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+                filled = await _fill_socket(a)
+                ran = False
+                with trio.move_on_after(0.2) as scope:
+                    async with a.reserve(100) as view:
+                        ran = True
+                        view[:] = b"x" * 100
+                assert scope.cancelled_caught and not ran
+                got = bytearray()
+                with trio.fail_after(10):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(drain, b, got)
+                        await a.send_all(b"after")
+                        await a.send_eof()
+                assert bytes(got) == b"f" * filled + b"after"
+        finally:
+            free.extend(taken)
 
 
 @pytest.mark.parametrize("strategy", [s for s in available_strategies() if s != "socket"])
@@ -128,7 +193,7 @@ async def test_peers_that_stop_reading_do_not_stall_other_streams(
                 a, b = stream_pair()
                 await _transfer([(a, b)], [1 << 20], "beside-stalled-peers")
                 assert manager.stats()["arena_full_sends"] > 0
-                await _other_sends_without_the_arena(tmp_path)
+                await _other_sends_without_the_arena(manager, tmp_path)
                 assert arena.free_count == 0
                 stalls.cancel_scope.cancel()
         for stream, peer in stalled:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -352,14 +353,19 @@ async def test_socket_closed_by_other_code_during_receive(strategy: str) -> None
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("waiter", ["receive_some", "send_all"])
+@pytest.mark.parametrize("waiter", ["receive_some", "send_all", "send_file"])
 @pytest.mark.parametrize("then", ["nothing", "aclose"])
 async def test_socket_closed_by_other_code_under_a_task_waiting_on_a_silent_peer(
-    strategy: str, waiter: str, then: str, monkeypatch: pytest.MonkeyPatch
+    strategy: str,
+    waiter: str,
+    then: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
 ) -> None:
     """Other code closes the socket while a task waits on a peer that does
-    nothing: a receive with nothing to receive, or a send_all waiting for
-    room while the peer does not read.  The task's io_uring request holds
+    nothing: a receive with nothing to receive, a send_all waiting for room
+    (its messages queued) or a send_file spliced while the peer does not
+    read.  The task's io_uring request holds
     the socket open, so the close alone ends nothing; the manager's socket
     check finds the closed socket, cancels the request, and the task raises
     ClosedResourceError.  With the request gone the close takes effect: the
@@ -368,6 +374,8 @@ async def test_socket_closed_by_other_code_under_a_task_waiting_on_a_silent_peer
     matter here), cancelling the requests one by one, not by the stale fd."""
     if then == "aclose":
         monkeypatch.setattr(trio_uring._manager, "SOCKET_CHECK_INTERVAL", 3600.0)
+    body = tmp_path / "body"
+    body.write_bytes(payload(3, 16 << 20))
     async with trio_uring.open_manager(
         arena_size=128 * 1024, slice_size=16 * 1024, strategy=strategy
     ) as manager:
@@ -381,7 +389,12 @@ async def test_socket_closed_by_other_code_under_a_task_waiting_on_a_silent_peer
             stream.socket.close()
             if then == "aclose":
                 await trio.sleep(0.05)
-                await stream.aclose()
+                try:
+                    await stream.aclose()
+                except trio.BrokenResourceError as exc:
+                    # Bytes were queued when the socket was closed; unless
+                    # the waiting send_all said so first, aclose() does.
+                    assert "were not sent" in str(exc)
 
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
@@ -392,9 +405,11 @@ async def test_socket_closed_by_other_code_under_a_task_waiting_on_a_silent_peer
                 with pytest.raises(trio.ClosedResourceError, match="closed"):
                     if waiter == "receive_some":
                         await stream.receive_some()
+                    elif waiter == "send_all":
+                        while True:  # under DIRECT_SEND_MIN: every message queued
+                            await stream.send_all(payload(1, 16 * 1024))
                     else:
-                        while True:
-                            await stream.send_all(payload(1, 256 * 1024))
+                        await stream.send_file(body)
             assert closed
             try:
                 while await peer.receive_some(1 << 20):
@@ -406,6 +421,36 @@ async def test_socket_closed_by_other_code_under_a_task_waiting_on_a_silent_peer
         await settle(manager)
         assert_quiet(manager)
         await check_ring_usable()
+
+
+@pytest.mark.parametrize("strategy", QUEUEING_STRATEGIES)
+async def test_stream_broken_while_a_task_is_inside_reserve(strategy: str) -> None:
+    """The peer resets while a task is inside a reserve() block, with a send
+    in flight: the kernel fails it and the queue is cleared under the
+    reserved tail.  Leaving the block raises BrokenResourceError and queues
+    nothing, aclose() is clean, and every slice comes back."""
+    async with trio_uring.open_manager(
+        arena_size=64 * 16384, slice_size=16384, strategy=strategy
+    ) as manager:
+        stream, peer = stream_and_peer()
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with trio.fail_after(10):
+            while stream.in_flight is None:
+                await stream.send_all(payload(1, 8000))
+                await trio.sleep(0.01)
+            with pytest.raises(trio.BrokenResourceError) as info:
+                async with stream.reserve(100) as view:
+                    view[:] = b"x" * 100
+                    rst_close(peer.socket)
+                    while stream.in_flight is not None:
+                        await trio.sleep(0.01)
+        _assert_broken_by_reset(info.value)
+        assert stream.queue.reserved == -1 and not stream.queue.nbytes
+        await stream.aclose()
+        await peer.aclose()
+        await settle(manager)
+        assert_quiet(manager)
 
 
 async def test_listener_socket_closed_by_other_code_during_accept() -> None:

@@ -72,8 +72,9 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
         """``SocketOwner``: whether other code closed the listening socket
         (its fd number is stale and may name another socket).  The manager
         then cancels the accept request, and ``accept`` raises
-        ``ClosedResourceError`` rather than waiting forever."""
-        return self.socket.fileno() != self.fd
+        ``ClosedResourceError`` rather than waiting forever.  False once the
+        listener itself was closed (``aclose`` cancels its accept)."""
+        return not self._closed and self.socket.fileno() != self.fd
 
     def _check_open(self) -> None:
         if self._closed:

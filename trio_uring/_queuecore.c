@@ -265,6 +265,10 @@ new_tail(QueueCore *self)
     }
     if (self->held >= self->limit)
         return 0;
+    if (self->free == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the queue was not initialised");
+        return -1;
+    }
     Py_ssize_t n = PyList_GET_SIZE(self->free);
     if (!n)
         return 0;

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from . import _abi
+from ._manager import Operation
 from ._prep import prep_openat, prep_poll_add, prep_read_fixed, prep_splice
 from ._shim_cffi import ffi
 
@@ -399,14 +400,19 @@ def _file_error(exc_errno: int, sent: int, offset: int) -> OSError:
 # -- the three paths -------------------------------------------------------------
 
 
-async def _send_splice(stream: ZeroCopyStream, fd: int, offset: int, count: int) -> None:
-    """file -> pipe -> socket, one pipe-full at a time."""
+async def _send_splice(
+    stream: ZeroCopyStream, fd: int, offset: int, count: int, sent: int = 0
+) -> None:
+    """file -> pipe -> socket, one pipe-full at a time, from byte ``sent``
+    of the ``count`` at ``offset`` (those before it were sent otherwise).
+
+    The requests on the socket name the stream as their owner, so that the
+    manager's socket check ends them if other code closes the socket."""
     manager = stream.manager
     pool = pipe_pool()
     pipe = pool.acquire()
     in_pipe = 0
     try:
-        sent = 0
         while sent < count:
             if not in_pipe:
                 want = min(pipe.size, count - sent)
@@ -419,13 +425,16 @@ async def _send_splice(stream: ZeroCopyStream, fd: int, offset: int, count: int)
                     raise FileTruncatedError(sent, count, offset)
                 in_pipe = res
             stream.check_open()
-            res = await manager.submit(prep_splice, pipe.r, -1, stream.fd, -1, in_pipe, 0)
+            res = await manager.submit(
+                prep_splice, pipe.r, -1, stream.fd, -1, in_pipe, 0, op=Operation(stream)
+            )
             if res == -errno.EAGAIN:
                 # The socket is nonblocking (trio's are): wait for room.
                 stream.check_open()
-                await manager.submit(prep_poll_add, stream.fd, _POLLOUT)
+                await manager.submit(prep_poll_add, stream.fd, _POLLOUT, op=Operation(stream))
                 continue
             if res < 0:
+                stream.check_open()  # cancelled by the socket check: its socket closed
                 raise _SendingError(OSError(-res, os.strerror(-res)))
             in_pipe -= res
             sent += res
@@ -461,9 +470,9 @@ async def _send_read(stream: ZeroCopyStream, fd: int, offset: int, count: int) -
                 manager.arena_full_sends += 1
                 await stream._drain()
                 if "SPLICE" in manager.features.ops:
-                    await _send_splice(stream, fd, offset + sent, count - sent)
+                    await _send_splice(stream, fd, offset, count, sent)
                 else:
-                    await _send_sendfile(stream, fd, offset + sent, count - sent)
+                    await _send_sendfile(stream, fd, offset, count, sent)
                 return
             stream.check_open()
             view = queue.reserve(want)
@@ -513,10 +522,12 @@ async def _read_exactly(
     return done
 
 
-async def _send_sendfile(stream: ZeroCopyStream, fd: int, offset: int, count: int) -> None:
+async def _send_sendfile(
+    stream: ZeroCopyStream, fd: int, offset: int, count: int, sent: int = 0
+) -> None:
     """``os.sendfile`` on the nonblocking socket, waiting for room between
-    calls.  Disk reads block the loop here: the fallback without a ring."""
-    sent = 0
+    calls, from byte ``sent`` of the ``count`` at ``offset``.  Disk reads
+    block the loop here: the fallback without a ring."""
     while sent < count:
         stream.check_open()
         try:

@@ -742,9 +742,16 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         The whole block counts as a send in progress (``BusyResourceError``
         for a concurrent ``send_all``).  Entering it is a cancellation point
         and may wait for room; leaving it is a checkpoint.  If the block
-        raises, nothing is sent and the stream stays usable.  The view is
-        released when the block ends: keep no other reference to it, because
-        the memory is reused afterwards.
+        raises, nothing is sent and the stream stays usable.  If the stream
+        broke or was closed meanwhile, leaving raises that error and sends
+        nothing.  The view is released when the block ends: keep no other
+        reference to it, because the memory is reused afterwards.
+
+        When other streams hold every free slice, the block gets plain
+        memory instead, once the bytes queued before it are out and the
+        socket has room; leaving then sends the bytes from there and may
+        wait for the socket, and a cancellation there breaks the stream, as
+        for a ``send_all`` cancelled part way.
         """
         with self._send_conflict:
             try:
@@ -765,12 +772,19 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             while view is None:
                 if not await self._wait_for_room():
                     # Every slice is held by other streams: the block writes
-                    # into plain memory, sent from there when it ends.
+                    # into plain memory, sent from there when it ends.  The
+                    # waits come first, where a cancellation loses nothing.
                     self.manager.arena_full_sends += 1
+                    await self._drain()
+                    await trio.lowlevel.wait_writable(self.fd)
                     unregistered = memoryview(bytearray(nbytes))
                     yield unregistered
-                    self.check_open()
-                    await self._send_direct(unregistered)
+                    try:
+                        self.check_open()
+                        await self._send_direct(unregistered)
+                    except BaseException as exc:
+                        self.break_sending(exc)  # the block's bytes are lost
+                        raise
                     await _cancel_shielded_checkpoint()
                     return
                 self.check_open()
@@ -782,9 +796,12 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 self.queue.unreserve()
                 raise
             self._release_reserved(view)
-            if self._closed:
+            if self._closed or self._send_broken is not None:
+                # Closing, or the kernel failing queued bytes, cleared the
+                # queue: the reserved bytes cannot follow what was lost.
                 self.queue.unreserve()
                 self.check_open()
+                self._raise_if_broken()
             self.queue.commit(nbytes)
             await self._queued_outside_send_all()
             await _cancel_shielded_checkpoint()
