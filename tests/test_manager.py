@@ -185,10 +185,15 @@ class _TaskSteps(trio.abc.Instrument):
             self.steps += 1
 
 
-def test_socket_check_wakes_only_while_requests_are_in_flight() -> None:
+def test_socket_check_wakes_only_while_requests_are_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The socket check (``IOManager.check_sockets``) runs about once per
-    ``SOCKET_CHECK_INTERVAL`` while a request waits, and never while nothing
-    is in flight: an idle run is not woken.  In virtual time (autojump)."""
+    ``SOCKET_CHECK_INTERVAL`` while requests wait, ``SOCKET_CHECK_BATCH`` of
+    them per step (10 requests in batches of 4: three steps), and never
+    while nothing is in flight: an idle run is not woken.  In virtual time
+    (autojump)."""
+    monkeypatch.setattr(_manager, "SOCKET_CHECK_BATCH", 4)
     steps = _TaskSteps("trio_uring socket check")
     interval = _manager.SOCKET_CHECK_INTERVAL
     counts: dict[str, int] = {}
@@ -206,7 +211,8 @@ def test_socket_check_wakes_only_while_requests_are_in_flight() -> None:
             await manager.submit(prep_recv, *args)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stuck)
+            for _ in range(10):
+                nursery.start_soon(stuck)
             await trio.testing.wait_all_tasks_blocked()
             start = steps.steps
             await trio.sleep(10 * interval)
@@ -216,7 +222,7 @@ def test_socket_check_wakes_only_while_requests_are_in_flight() -> None:
     with a, b:
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0), instruments=[steps])
     assert counts["idle"] == 0
-    assert 8 <= counts["waiting"] <= 12, counts
+    assert 27 <= counts["waiting"] <= 34, counts  # 9 to 11 checks of 3 steps
 
 
 def test_two_runs_in_two_threads_get_their_own_ring() -> None:
