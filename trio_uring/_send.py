@@ -102,7 +102,10 @@ class SendStrategy(Protocol):
     ``holds_bytes``: the kernel copies at send time, so a flow of such large
     ``bytes`` payloads is queued by reference (``OutboundQueue.hold``) and
     goes out several per ``send()``: the flush reads segments through
-    ``segment_view`` / ``segment_address``.
+    ``segment_view`` / ``segment_address``.  ``after_plain_sends``: the
+    strategy a stream moves to once it sent with plain ``send()`` calls
+    beside its requests (without the arena, when other streams held every
+    slice), or None when this one mixes with them.
     """
 
     name: str
@@ -110,6 +113,7 @@ class SendStrategy(Protocol):
     direct_min: int
     sends_at_once: bool
     holds_bytes: bool
+    after_plain_sends: str | None
 
     def flush(self, stream: ZeroCopyStream) -> None:
         """Hand the front of ``stream``'s queue to the kernel."""
@@ -125,6 +129,7 @@ class VectoredFixed:
     direct_min = _NEVER
     sends_at_once = False
     holds_bytes = False
+    after_plain_sends = None
 
     def flush(self, stream: ZeroCopyStream) -> None:
         segments = stream.queue.take(_abi.UIO_MAXIOV)
@@ -167,6 +172,7 @@ class FixedSingle:
     direct_min = _NEVER
     sends_at_once = False
     holds_bytes = False
+    after_plain_sends = None
 
     def flush(self, stream: ZeroCopyStream) -> None:
         send_fixed_run(stream, SendRequest(stream, stream.queue.take_run()))
@@ -221,6 +227,11 @@ class FixedProvidedBundle:
     direct_min = _NEVER
     sends_at_once = False
     holds_bytes = False
+    #: Measured in the seed kernel's guest: once plain ``send()`` calls went
+    #: through the socket, its next bundle send failed with EFAULT (the
+    #: integrity test under cancellation and resets, one run in two).
+    #: ``fixed-single`` names its slices itself, and stays zero copy.
+    after_plain_sends = "fixed-single"
 
     def flush(self, stream: ZeroCopyStream) -> None:
         queue, ring = stream.queue, stream.provided_ring
@@ -284,6 +295,7 @@ class Copy:
     direct_min = DIRECT_SEND_MIN
     sends_at_once = True
     holds_bytes = True
+    after_plain_sends = None
 
     def flush(self, stream: ZeroCopyStream) -> None:
         send_now(stream)
@@ -312,6 +324,7 @@ class SocketSend:
     direct_min = 0
     sends_at_once = True
     holds_bytes = False
+    after_plain_sends = None
 
     def flush(self, stream: ZeroCopyStream) -> None:
         send_now(stream)

@@ -652,6 +652,10 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 break
             if not queue.at_limit:
                 self._raise_if_broken()
+                successor = self.strategy.after_plain_sends
+                if successor is not None:
+                    self.strategy = STRATEGY_IMPLS[successor]
+                    self._set_flush_thresholds()
                 return False
             await self._park()
         self._raise_if_broken()
