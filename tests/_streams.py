@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket as stdlib_socket
 
 import trio
@@ -40,3 +41,26 @@ async def unix_pair() -> tuple[trio_uring.ZeroCopyStream, trio.SocketStream]:
         trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(a)),
         trio.SocketStream(trio.socket.from_stdlib_socket(b)),
     )
+
+
+async def clog(stream: trio_uring.ZeroCopyStream) -> int:
+    """Fill the socket's send buffer with ``b"x"`` so that even a 1-byte
+    send must wait; return how many bytes that took.
+
+    Loopback keeps draining the send queue until the peer's window closes,
+    so fill until a pause frees nothing.  Fix both ends' buffer sizes
+    first, or the peer's receive-buffer autotuning reopens the window.
+    """
+    filled, idle_rounds = 0, 0
+    while idle_rounds < 2:
+        written = 0
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    written += os.write(stream.fd, b"x" * size)
+            except BlockingIOError:
+                pass
+        filled += written
+        idle_rounds = 0 if written else idle_rounds + 1
+        await trio.sleep(0.02)
+    return filled

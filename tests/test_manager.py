@@ -29,6 +29,21 @@ def recv_args(sock: socket.socket, size: int = 64) -> tuple[object, int, int, in
     return buf, sock.fileno(), int(ffi.cast("uintptr_t", buf)), size
 
 
+async def stuck_receives(
+    manager: trio_uring.IOManager, sock: socket.socket, nursery: trio.Nursery, n: int = 10
+) -> None:
+    """Start ``n`` tasks whose io_uring receives on ``sock`` wait for
+    bytes that never come; return once they all wait."""
+
+    async def stuck() -> None:
+        _buf, *args = recv_args(sock)
+        await manager.submit(prep_recv, *args)
+
+    for _ in range(n):
+        nursery.start_soon(stuck)
+    await trio.testing.wait_all_tasks_blocked()
+
+
 async def nops_from_many_tasks(manager: trio_uring.IOManager, tasks: int, each: int) -> None:
     """``tasks`` tasks submit ``each`` NOPs; every one must succeed."""
     results: list[int] = []
@@ -156,15 +171,8 @@ def test_run_ending_with_operations_in_flight_ends_cleanly() -> None:
     async def main() -> None:
         manager = current_manager()
         rings.append(manager)
-
-        async def stuck() -> None:
-            _buf, *args = recv_args(a)
-            await manager.submit(prep_recv, *args)
-
         async with trio.open_nursery() as nursery:
-            for _ in range(10):
-                nursery.start_soon(stuck)
-            await trio.testing.wait_all_tasks_blocked()
+            await stuck_receives(manager, a, nursery)
             nursery.cancel_scope.cancel()
 
     with a, b:
@@ -205,15 +213,8 @@ def test_socket_check_wakes_only_while_requests_are_in_flight(
         start = steps.steps
         await trio.sleep(100 * interval)
         counts["idle"] = steps.steps - start
-
-        async def stuck() -> None:
-            _buf, *args = recv_args(a)
-            await manager.submit(prep_recv, *args)
-
         async with trio.open_nursery() as nursery:
-            for _ in range(10):
-                nursery.start_soon(stuck)
-            await trio.testing.wait_all_tasks_blocked()
+            await stuck_receives(manager, a, nursery)
             start = steps.steps
             await trio.sleep(10 * interval)
             counts["waiting"] = steps.steps - start

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import pathlib
 import resource
 import shutil
@@ -36,6 +35,7 @@ from _reliability_helpers import (
     stream_and_peer,
     stream_pair,
 )
+from _streams import clog
 from trio_uring._shim_cffi import lib
 
 import trio_uring
@@ -108,25 +108,6 @@ async def _other_sends_without_the_arena(
     assert bytes(got) == b"r" * 1000 + body + b"end"
 
 
-async def _fill_socket(stream: trio_uring.ZeroCopyStream) -> int:
-    """Write into the socket until it takes nothing more; return how much.
-    Loopback moves bytes on to the peer meanwhile: fill until a pause frees
-    nothing."""
-    filled, idle_rounds = 0, 0
-    while idle_rounds < 2:
-        written = 0
-        for size in (65536, 4096, 1):
-            try:
-                while True:
-                    written += os.write(stream.fd, b"f" * size)
-            except BlockingIOError:
-                pass
-        filled += written
-        idle_rounds = 0 if written else idle_rounds + 1
-        await trio.sleep(0.02)
-    return filled
-
-
 @pytest.mark.parametrize("strategy", [s for s in available_strategies() if s != "socket"])
 async def test_reserve_past_a_full_arena_cancelled_before_its_block_loses_nothing(
     strategy: str,
@@ -144,7 +125,7 @@ async def test_reserve_past_a_full_arena_cancelled_before_its_block_loses_nothin
                 for stream in (a, b):
                     stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
                     stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-                filled = await _fill_socket(a)
+                filled = await clog(a)
                 ran = False
                 with trio.move_on_after(0.2) as scope:
                     async with a.reserve(100) as view:
@@ -157,7 +138,7 @@ async def test_reserve_past_a_full_arena_cancelled_before_its_block_loses_nothin
                         nursery.start_soon(drain, b, got)
                         await a.send_all(b"after")
                         await a.send_eof()
-                assert bytes(got) == b"f" * filled + b"after"
+                assert bytes(got) == b"x" * filled + b"after"
         finally:
             free.extend(taken)
 

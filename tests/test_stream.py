@@ -10,7 +10,7 @@ import struct
 import pytest
 import trio
 import trio.testing
-from _streams import tcp_pair, unix_pair
+from _streams import clog, tcp_pair, unix_pair
 
 import trio_uring
 from trio_uring._manager import FLUSH_THRESHOLD
@@ -25,26 +25,6 @@ async def zc_tcp_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyS
 async def zc_unix_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:
     left, right = await unix_pair()
     return left, trio_uring.ZeroCopyStream(right.socket)
-
-
-async def clog(stream: trio_uring.ZeroCopyStream) -> None:
-    """Fill the socket's send buffer so that even a 1-byte send must wait.
-
-    Loopback keeps draining the send queue until the peer's window closes,
-    so fill until a pause frees nothing.  Call ``fix_buffers`` on both ends
-    first, or the peer's receive-buffer autotuning reopens the window.
-    """
-    idle_rounds = 0
-    while idle_rounds < 2:
-        written = 0
-        for size in (65536, 4096, 1):
-            try:
-                while True:
-                    written += os.write(stream.fd, b"x" * size)
-            except BlockingIOError:
-                pass
-        idle_rounds = 0 if written else idle_rounds + 1
-        await trio.sleep(0.02)
 
 
 async def drain_into(stream: trio.abc.ReceiveStream, received: bytearray) -> None:
