@@ -184,6 +184,40 @@ async def test_peers_that_stop_reading_do_not_stall_other_streams(
         assert_quiet(manager)
 
 
+async def test_a_stream_that_sent_without_the_arena_moves_to_its_strategys_successor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A strategy that does not mix with plain send() calls names the one a
+    stream moves to once it made them (``after_plain_sends``: the bundle
+    strategy names fixed-single; the seed kernel's guest checks that case).
+    Here vectored-fixed is given that successor for the test."""
+    if "vectored-fixed" not in available_strategies():
+        pytest.skip("vectored-fixed does not run here")
+    from trio_uring._send import STRATEGY_IMPLS
+
+    monkeypatch.setattr(STRATEGY_IMPLS["vectored-fixed"], "after_plain_sends", "fixed-single")
+    async with trio_uring.open_manager(strategy="vectored-fixed") as manager:
+        free = manager.arena.free_slices
+        taken = free[:]
+        free.clear()
+        a, b = stream_pair()
+        got = bytearray()
+        try:
+            async with a, b, trio.open_nursery() as nursery:
+                nursery.start_soon(drain, b, got)
+                await a.send_all(b"p" * 1000)  # no slice free: plain send()
+                assert a.strategy.name == "fixed-single"
+                assert manager.stats()["arena_full_sends"] == 1
+                free.extend(taken)
+                taken = []
+                await a.send_all(b"q" * 1000)  # queued, sent by the successor
+                await a.send_eof()
+        finally:
+            free.extend(taken)
+        assert bytes(got) == b"p" * 1000 + b"q" * 1000
+        assert a.stats().strategy == "fixed-single"
+
+
 @needs_io_uring
 async def test_submission_queue_full() -> None:
     """entries=2: every few requests the SQ is full and must be flushed."""
