@@ -103,9 +103,9 @@ class SendStrategy(Protocol):
     ``bytes`` payloads is queued by reference (``OutboundQueue.hold``) and
     goes out several per ``send()``: the flush reads segments through
     ``segment_view`` / ``segment_address``.  ``after_plain_sends``: the
-    strategy a stream moves to once it sent with plain ``send()`` calls
-    beside its requests (without the arena, when other streams held every
-    slice), or None when this one mixes with them.
+    strategy a stream moves to when it is about to send with plain
+    ``send()`` or splice calls beside its requests (without the arena, when
+    other streams hold every slice), or None when this one mixes with them.
     """
 
     name: str

@@ -467,7 +467,7 @@ async def _send_read(stream: ZeroCopyStream, fd: int, offset: int, count: int) -
             if not await stream._wait_for_room():
                 # Every slice is held by other streams: send the rest
                 # without the arena, after what is queued.
-                manager.arena_full_sends += 1
+                stream._going_without_the_arena()
                 await stream._drain()
                 if "SPLICE" in manager.features.ops:
                     await _send_splice(stream, fd, offset, count, sent)

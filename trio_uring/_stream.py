@@ -652,14 +652,21 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 break
             if not queue.at_limit:
                 self._raise_if_broken()
-                successor = self.strategy.after_plain_sends
-                if successor is not None:
-                    self.strategy = STRATEGY_IMPLS[successor]
-                    self._set_flush_thresholds()
                 return False
             await self._park()
         self._raise_if_broken()
         return True
+
+    def _going_without_the_arena(self) -> None:
+        """Other streams hold every free slice, and this stream is about to
+        send with plain ``send()`` (or splice) calls: count it
+        (``arena_full_sends``), and leave a strategy that does not mix with
+        those for its ``after_plain_sends`` successor."""
+        self.manager.arena_full_sends += 1
+        successor = self.strategy.after_plain_sends
+        if successor is not None:
+            self.strategy = STRATEGY_IMPLS[successor]
+            self._set_flush_thresholds()
 
     async def _write_waiting(
         self, view: memoryview, pos: int, *, prefix_sent: bool = False
@@ -671,7 +678,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         try:
             while pos < view.nbytes:
                 if not await self._wait_for_room():
-                    self.manager.arena_full_sends += 1
+                    self._going_without_the_arena()
                     await self._send_direct(view[pos:])
                     return
                 self.check_open()
@@ -778,7 +785,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     # Every slice is held by other streams: the block writes
                     # into plain memory, sent from there when it ends.  The
                     # waits come first, where a cancellation loses nothing.
-                    self.manager.arena_full_sends += 1
+                    self._going_without_the_arena()
                     await self._drain()
                     await trio.lowlevel.wait_writable(self.fd)
                     unregistered = memoryview(bytearray(nbytes))
