@@ -199,7 +199,6 @@ class RegisteredArena:
         return bool(self.free_slices)
 
 
-
 class ProvidedRing:
     """A provided-buffer ring: the memory of ``struct io_uring_buf_ring``.
 

@@ -363,7 +363,7 @@ class IOManager:
         #: Stream send requests whose result CQE has not arrived.
         self.sends_in_flight = 0
         #: Sends that found every free slice taken by other streams and went
-        #: without the arena (``ZeroCopyStream._wait_for_room``).
+        #: without the arena (``ZeroCopyStream._going_without_the_arena``).
         self.arena_full_sends = 0
         #: Set when a completion or flush made a task runnable.
         self.woke_tasks = False

@@ -648,14 +648,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed while a send waited")
-            if queue.writable or self._send_broken is not None:
+            if queue.writable or self._send_broken is not None or not queue.at_limit:
                 break
-            if not queue.at_limit:
-                self._raise_if_broken()
-                return False
             await self._park()
         self._raise_if_broken()
-        return True
+        return queue.writable
 
     def _going_without_the_arena(self) -> None:
         """Other streams hold every free slice, and this stream is about to
