@@ -499,9 +499,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                         self.break_sending(exc)
                         raise _stream_error(self, exc, "sending") from exc
                     else:
-                        counters = self.counters  # counters.sent(sent), written out
-                        counters.sends += 1
-                        counters.bytes += sent
+                        self.counters.sent(sent)
                         if sent == nbytes:
                             await _cancel_shielded_checkpoint()
                             return
@@ -599,7 +597,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         producer in full flow: the tick's flush may hold its queue for more
         messages (``hold_tick`` is this tick), unless the queue is past its
         thresholds.  The decision is made here, where the queue just changed,
-        so that the flush only compares one number per stream.
+        so that the flush only compares one number per stream.  ``send_all``
+        writes this out for the message of a flow: a change to the rule
+        belongs in both.
         """
         last = self.last_tick
         if last != tick:
