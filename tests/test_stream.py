@@ -520,6 +520,34 @@ async def test_copy_flushes_slices_at_the_threshold_and_held_bytes_at_the_share(
         assert len(received) == left.stats().bytes_sent
 
 
+async def test_a_flow_through_send_all_leaves_at_the_threshold_in_a_send_each() -> None:
+    """A producer in full flow is held at every tick, and ``send_all`` itself
+    flushes it each time its slices pass ``FLUSH_THRESHOLD``: one send per
+    threshold's worth, neither one per tick (the hold lost) nor one per
+    share (the threshold lost).  ``send_all`` writes the rule out for this
+    case, apart from ``_queued``, so it is checked through ``send_all``."""
+    if not trio_uring.features().io_uring:
+        pytest.skip("the copy strategy needs io_uring")
+    async with trio_uring.open_manager(strategy="copy"):
+        left, right = await zc_tcp_pair()
+        big = 8 * 1024 * 1024  # every flush fits the socket at once
+        left.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, big)
+        right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, big)
+        per_send = FLUSH_THRESHOLD + left.queue.slice_size  # past it by one slice
+        flushes = 16
+        message = b"f" * 4096
+        received = bytearray()
+        async with left, right, trio.open_nursery() as nursery:
+            nursery.start_soon(drain_into, right, received)
+            await left.send_all(message)  # a lone message: one send() at once
+            for _ in range(flushes * per_send // len(message)):
+                await left.send_all(message)
+            during_the_flow = left.stats().sends - 1
+            await left.send_eof()
+        assert flushes - 1 <= during_the_flow <= flushes + 1
+        assert len(received) == (1 + flushes * per_send // len(message)) * len(message)
+
+
 async def test_held_bytes_wait_for_a_slow_peer_and_a_cancelled_wait_queues_nothing() -> None:
     """Held bytes count against the stream's share: once the peer stops
     reading, ``send_all`` waits when the share is queued, and the kernel
