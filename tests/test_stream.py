@@ -27,6 +27,15 @@ async def zc_unix_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopy
     return left, trio_uring.ZeroCopyStream(right.socket)
 
 
+async def roomy_zc_tcp_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:
+    """``zc_tcp_pair`` with socket buffers that take every flush at once."""
+    left, right = await zc_tcp_pair()
+    big = 8 * 1024 * 1024
+    left.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, big)
+    right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, big)
+    return left, right
+
+
 async def drain_into(stream: trio.abc.ReceiveStream, received: bytearray) -> None:
     """Receive until EOF, appending to ``received``."""
     async for chunk in stream:
@@ -485,10 +494,7 @@ async def test_copy_flushes_slices_at_the_threshold_and_held_bytes_at_the_share(
     if not trio_uring.features().io_uring:
         pytest.skip("the copy strategy needs io_uring")
     async with trio_uring.open_manager(strategy="copy"):
-        left, right = await zc_tcp_pair()
-        big = 8 * 1024 * 1024  # every flush fits the socket at once
-        left.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, big)
-        right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, big)
+        left, right = await roomy_zc_tcp_pair()
         queue = left.queue
         share = queue.limit * queue.slice_size
         assert left.flush_threshold == share
@@ -529,10 +535,7 @@ async def test_a_flow_through_send_all_leaves_at_the_threshold_in_a_send_each() 
     if not trio_uring.features().io_uring:
         pytest.skip("the copy strategy needs io_uring")
     async with trio_uring.open_manager(strategy="copy"):
-        left, right = await zc_tcp_pair()
-        big = 8 * 1024 * 1024  # every flush fits the socket at once
-        left.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, big)
-        right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, big)
+        left, right = await roomy_zc_tcp_pair()
         per_send = FLUSH_THRESHOLD + left.queue.slice_size  # past it by one slice
         flushes = 16
         message = b"f" * 4096
