@@ -229,8 +229,10 @@ class FixedProvidedBundle:
     holds_bytes = False
     #: Measured in the seed kernel's guest: once plain ``send()`` calls went
     #: through the socket, its next bundle send failed with EFAULT (the
-    #: integrity test under cancellation and resets, one run in two).
-    #: ``fixed-single`` names its slices itself, and stays zero copy.
+    #: integrity test under cancellation and resets, one run in two); every
+    #: failing bundle began one page into the registered buffer (what is
+    #: known is in docs/kernel-support.rst).  ``fixed-single`` names its
+    #: slices itself, and stays zero copy.
     after_plain_sends = "fixed-single"
 
     def flush(self, stream: ZeroCopyStream) -> None:
