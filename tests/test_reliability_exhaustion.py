@@ -9,6 +9,7 @@ completion queue overflowed by a thousand completions at once, an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import pathlib
@@ -216,6 +217,41 @@ async def test_a_stream_that_sent_without_the_arena_moves_to_its_strategys_succe
             free.extend(taken)
         assert bytes(got) == b"p" * 1000 + b"q" * 1000
         assert a.stats().strategy == "fixed-single"
+
+
+@pytest.mark.parametrize("backlog", [False, True])
+async def test_a_socket_holding_unsent_bytes_starts_on_its_strategys_successor(
+    monkeypatch: pytest.MonkeyPatch, backlog: bool
+) -> None:
+    """Bytes written to a socket before it was wrapped, and still unsent
+    (the peer's window is full), are plain socket data to the stream's
+    first request: a strategy that does not mix with them is left at once.
+    Bytes already sent are not in the way.  vectored-fixed is given the
+    bundle strategy's successor for the test."""
+    if "vectored-fixed" not in available_strategies():
+        pytest.skip("vectored-fixed does not run here")
+    from trio_uring._send import STRATEGY_IMPLS
+
+    monkeypatch.setattr(STRATEGY_IMPLS["vectored-fixed"], "after_plain_sends", "fixed-single")
+    async with trio_uring.open_manager(strategy="vectored-fixed"):
+        a, b = stdlib_pair()
+        written = bytearray(b"p" * 100)
+        a.sendall(written)
+        assert b.recv(100, socket.MSG_PEEK | socket.MSG_WAITALL) == written
+        if backlog:
+            a.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    written += b"p" * a.send(b"p" * 4096)
+        stream = trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(a))
+        peer = trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(b))
+        assert stream.strategy.name == ("fixed-single" if backlog else "vectored-fixed")
+        got = bytearray()
+        async with stream, peer, trio.open_nursery() as nursery:
+            nursery.start_soon(drain, peer, got)
+            await stream.send_all(b"q" * 1000)
+            await stream.send_eof()
+        assert bytes(got) == written + b"q" * 1000
 
 
 @needs_io_uring

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import trio
 import trio.testing
-from _reliability_helpers import fd_count, rst_close, run_python
+from _reliability_helpers import available_strategies, fd_count, rst_close, run_python
 
 import trio_uring
 from trio_uring import _sendfile
@@ -139,6 +139,35 @@ async def test_after_send_all_in_order(manager, path, tmp_path) -> None:
         await send()
         await stream.aclose()
     assert bytes(got) == b"head" + data + b"tail" + data[5:12]
+
+
+async def test_a_splice_moves_the_stream_to_its_strategys_successor(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spliced pages are plain socket data to the requests after them, so a
+    strategy that does not mix with plain sends (``after_plain_sends``: the
+    bundle strategy names fixed-single; the seed kernel's guest checks that
+    case) is left before the first splice, and not for a file read into
+    the queue.  Here vectored-fixed is given that successor for the test."""
+    if "vectored-fixed" not in available_strategies():
+        pytest.skip("vectored-fixed does not run here")
+    from trio_uring._send import STRATEGY_IMPLS
+
+    monkeypatch.setattr(STRATEGY_IMPLS["vectored-fixed"], "after_plain_sends", "fixed-single")
+    small, small_data = make_file(tmp_path, 1000, "small.bin")
+    large, large_data = make_file(tmp_path, _sendfile.SPLICE_MIN_BYTES, "large.bin")
+    async with trio_uring.open_manager(strategy="vectored-fixed"):
+        stream, peer = await stream_pair()
+        got = bytearray()
+        async with peer, trio.open_nursery() as nursery:
+            nursery.start_soon(read_all, peer, got)
+            await stream.send_file(small)  # read into the queue
+            assert stream.strategy.name == "vectored-fixed"
+            await stream.send_file(large)  # spliced
+            assert stream.strategy.name == "fixed-single"
+            await stream.send_all(b"tail")
+            await stream.aclose()
+    assert bytes(got) == small_data + large_data + b"tail"
 
 
 @pytest.mark.parametrize(

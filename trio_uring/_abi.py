@@ -94,6 +94,10 @@ IORING_ACCEPT_MULTISHOT = 1 << 0
 # os module does not export it.
 AT_FDCWD = -100
 
+# ioctl(2) on a TCP socket (<linux/sockios.h>): bytes in the send queue that
+# have not been sent yet.  Python's socket module does not export it.
+SIOCOUTQNSD = 0x894B
+
 # sqe->splice_flags: the splice(2) SPLICE_F_* bits, plus io_uring's own
 # flag saying splice_fd_in is an index into the registered file table.
 SPLICE_F_MOVE = 1 << 0

@@ -103,9 +103,10 @@ class SendStrategy(Protocol):
     ``bytes`` payloads is queued by reference (``OutboundQueue.hold``) and
     goes out several per ``send()``: the flush reads segments through
     ``segment_view`` / ``segment_address``.  ``after_plain_sends``: the
-    strategy a stream moves to when it is about to send with plain
-    ``send()`` or splice calls beside its requests (without the arena, when
-    other streams hold every slice), or None when this one mixes with them.
+    strategy a stream moves to when its socket gets bytes without a request
+    of its own (plain ``send()`` calls when other streams hold every slice,
+    a ``send_file`` splice, or unsent bytes written before it was wrapped),
+    or None when this one mixes with them.
     """
 
     name: str
@@ -227,12 +228,12 @@ class FixedProvidedBundle:
     direct_min = _NEVER
     sends_at_once = False
     holds_bytes = False
-    #: Measured in the seed kernel's guest: once plain ``send()`` calls went
-    #: through the socket, its next bundle send failed with EFAULT (the
-    #: integrity test under cancellation and resets, one run in two); every
-    #: failing bundle began one page into the registered buffer (what is
-    #: known is in docs/kernel-support.rst).  ``fixed-single`` names its
-    #: slices itself, and stays zero copy.
+    #: The seed patchset gives an entry that starts exactly one page into
+    #: the registered buffer a zero-length first segment, and TCP fails the
+    #: send with EFAULT when it appends such a bundle to unsent bytes that
+    #: plain ``send()`` calls left in the socket (docs/kernel-support.rst,
+    #: and the guest's ``test_bundles_after_plain_sends_arrive_intact``).
+    #: ``fixed-single`` names its slices in the SQE, and stays zero copy.
     after_plain_sends = "fixed-single"
 
     def flush(self, stream: ZeroCopyStream) -> None:

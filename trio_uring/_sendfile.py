@@ -407,7 +407,10 @@ async def _send_splice(
     of the ``count`` at ``offset`` (those before it were sent otherwise).
 
     The requests on the socket name the stream as their owner, so that the
-    manager's socket check ends them if other code closes the socket."""
+    manager's socket check ends them if other code closes the socket.
+    Spliced pages are plain socket data to the requests that follow them
+    (``after_plain_sends``)."""
+    stream._before_plain_sends()
     manager = stream.manager
     pool = pipe_pool()
     pipe = pool.acquire()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import operator
 import os
 import socket as _stdlib_socket
@@ -82,6 +83,16 @@ class StreamStats:
     notifications: int
     notifications_copied: int
     notifications_zerocopy: int
+
+
+def _unsent_bytes(fd: int) -> int:
+    """How many bytes the socket holds that TCP has not sent yet (0 where
+    the kernel cannot say)."""
+    try:
+        answer = fcntl.ioctl(fd, _abi.SIOCOUTQNSD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(answer, sys.byteorder, signed=True)
 
 
 def check_result(res: int) -> int:
@@ -213,6 +224,10 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self.flush_threshold = FLUSH_THRESHOLD
         self.flush_slices = _NEVER
         self._set_flush_thresholds()
+        if self.strategy.after_plain_sends is not None and _unsent_bytes(self.fd):
+            # Bytes written before the socket was wrapped (a greeting, a
+            # protocol's preface) still wait in it: plain socket data.
+            self._before_plain_sends()
         self._iov = ffi.new("uint64_t[]", 2 * _abi.UIO_MAXIOV)
         self.msghdr = ffi.new("struct tu_msghdr *")
         self.msghdr.msg_iov = ffi.cast("struct tu_iovec *", self._iov)
@@ -678,9 +693,14 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     def _going_without_the_arena(self) -> None:
         """Other streams hold every free slice, and this stream is about to
         send with plain ``send()`` (or splice) calls: count it
-        (``arena_full_sends``), and leave a strategy that does not mix with
-        those for its ``after_plain_sends`` successor."""
+        (``arena_full_sends``), and ``_before_plain_sends``."""
         self.manager.arena_full_sends += 1
+        self._before_plain_sends()
+
+    def _before_plain_sends(self) -> None:
+        """The stream is about to put bytes into its socket with plain
+        ``send()`` or splice calls: leave a strategy that does not mix with
+        those for its ``after_plain_sends`` successor."""
         successor = self.strategy.after_plain_sends
         if successor is not None:
             self.strategy = STRATEGY_IMPLS[successor]
