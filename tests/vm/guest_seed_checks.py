@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import random
+import socket
+from pathlib import Path
 
 import pytest
 import trio
@@ -170,3 +172,59 @@ def test_entries_in_the_other_split_send_wrong_bytes(split: str) -> None:
         cause = error.__cause__
         assert isinstance(cause, OSError) and cause.errno in {errno.EFAULT, errno.EOVERFLOW}
         assert got == payload[: len(got)] and len(got) < len(payload)
+
+
+@pytest.mark.parametrize("plain", ["arena-full", "send-file"])
+def test_bundles_after_plain_sends_arrive_intact(plain: str, tmp_path: Path) -> None:
+    """Why a bundle stream leaves the bundle path when its socket holds
+    bytes that no request of its own put there (``after_plain_sends``): a
+    plain ``send()`` while other streams hold every slice, or a
+    ``send_file`` splice (or bytes written before the socket was wrapped,
+    checked on the host).  The patchset
+    turns an entry that starts exactly at the end of the registered buffer's
+    first page into a zero-length first segment; TCP only trips over it when
+    it appends the entry to an unsent tail of the write queue whose pages
+    came from plain sends or splices (it then takes page references segment
+    by segment and fails with EFAULT).  TCP_CORK keeps those bytes unsent,
+    so the next request, which names the slice one page in, meets them."""
+    slice_size = 4096
+    first = random.Random(plain).randbytes(128 * 1024 if plain == "send-file" else 100)
+    payload = first + bytes(range(256)) * (8 * slice_size // 256)
+    path = tmp_path / "body"
+    path.write_bytes(first)
+
+    async def main() -> None:
+        async with trio_uring.open_manager(
+            slice_size=slice_size, arena_size=8 * slice_size
+        ) as manager:
+            assert manager.strategy == BUNDLE
+            stream, peer = await tcp_pair()
+            stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            free = manager.arena.free_slices
+            assert 1 in free  # the slice that starts one page into the buffer
+            got = bytearray()
+
+            async def drain() -> None:
+                async for chunk in peer:
+                    got.extend(chunk)
+
+            with trio.fail_after(30):
+                async with stream, peer, trio.open_nursery() as nursery:
+                    nursery.start_soon(drain)
+                    if plain == "arena-full":
+                        taken = free[:]
+                        free.clear()
+                        await stream.send_all(first)  # no free slice: plain send()
+                        free.extend(taken)
+                    elif plain == "send-file":
+                        await stream.send_file(path)  # 128 KiB: spliced
+                    await stream.send_all(payload[len(first) :])  # every slice
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                    await stream.send_eof()
+            assert manager.stats()["arena_full_sends"] == (plain == "arena-full")
+            assert stream.stats().strategy == "fixed-single"
+            assert bytes(got) == payload
+            await settle(manager)
+
+    trio.run(main)

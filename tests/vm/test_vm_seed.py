@@ -55,6 +55,8 @@ MUST_PASS = [
     f"test_reserved_sends_interleave_with_send_all_intact[{BUNDLE}]",
     "test_the_seed_strategy_and_its_split_are_chosen_automatically",
     "test_any_payload_through_a_tiny_arena_arrives_intact",
+    "test_bundles_after_plain_sends_arrive_intact[arena-full]",
+    "test_bundles_after_plain_sends_arrive_intact[send-file]",
 ]
 #: Sizes of the reliability tests in the guest, where the CPU is emulated.
 GUEST_ENV = ["TRIO_URING_CANCEL_ITERS=100", "TRIO_URING_INTEGRITY_CHAOS=20"]
