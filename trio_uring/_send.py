@@ -231,8 +231,9 @@ class FixedProvidedBundle:
     #: The seed patchset gives an entry that starts exactly one page into
     #: the registered buffer a zero-length first segment, and TCP fails the
     #: send with EFAULT when it appends such a bundle to unsent bytes that
-    #: plain ``send()`` calls left in the socket (docs/kernel-support.rst,
-    #: and the guest's ``test_bundles_after_plain_sends_arrive_intact``).
+    #: plain ``send()`` calls or a splice left in the socket
+    #: (docs/kernel-support.rst, and the guest's
+    #: ``test_bundles_after_plain_sends_arrive_intact``).
     #: ``fixed-single`` names its slices in the SQE, and stays zero copy.
     after_plain_sends = "fixed-single"
 
