@@ -185,8 +185,9 @@ def test_bundles_after_plain_sends_arrive_intact(plain: str, tmp_path: Path) -> 
     first page into a zero-length first segment; TCP only trips over it when
     it appends the entry to an unsent tail of the write queue whose pages
     came from plain sends or splices (it then takes page references segment
-    by segment and fails with EFAULT).  TCP_CORK keeps those bytes unsent,
-    so the next request, which names the slice one page in, meets them."""
+    by segment and fails with EFAULT).  TCP_CORK keeps the last of those
+    bytes unsent, so the next request, which names the slice one page in,
+    meets them."""
     slice_size = 4096
     first = random.Random(plain).randbytes(128 * 1024 if plain == "send-file" else 100)
     payload = first + bytes(range(256)) * (8 * slice_size // 256)
