@@ -69,16 +69,22 @@ async def main(mib: int, connect: str | None) -> None:
             stats = stream.stats()
         await listener.aclose()
     intact = total == mib * CHUNK and received_digest == sent_digest
-    print(f"sent {mib} MiB in {elapsed:.2f} s: {mib / 1024 / elapsed:.2f} GiB/s "
-          f"(sender and receiver share this process and its core)")
+    print(
+        f"sent {mib} MiB in {elapsed:.2f} s: {mib / 1024 / elapsed:.2f} GiB/s "
+        f"(sender and receiver share this process and its core)"
+    )
     print(f"received {total} bytes, sha256 {'matches' if intact else 'DIFFERS'}")
-    print(f"strategy {stats.strategy}: {stats.sends} sends, {stats.notifications} notifications "
-          f"({stats.notifications_copied} copied by the kernel, "
-          f"{stats.notifications_zerocopy} zero copy)")
+    print(
+        f"strategy {stats.strategy}: {stats.sends} sends, {stats.notifications} notifications "
+        f"({stats.notifications_copied} copied by the kernel, "
+        f"{stats.notifications_zerocopy} zero copy)"
+    )
     if not stats.notifications_zerocopy and stats.notifications_copied:
-        print("the kernel copied every zero-copy send (loopback always does), so the stream "
-              "switched to plain sends; over a NIC with scatter-gather the notifications "
-              "report zero copy and the stream keeps it")
+        print(
+            "the kernel copied every zero-copy send (loopback always does), so the stream "
+            "switched to plain sends; over a NIC with scatter-gather the notifications "
+            "report zero copy and the stream keeps it"
+        )
     if not intact:
         raise SystemExit("data corrupted")
 

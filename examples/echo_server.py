@@ -25,8 +25,10 @@ async def main(port: int) -> None:
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio_uring.serve_tcp, echo, port)
         bound = listeners[0].socket.getsockname()[1]
-        print(f"echo server on port {bound}, send strategy {trio_uring.features().strategy}",
-              flush=True)
+        print(
+            f"echo server on port {bound}, send strategy {trio_uring.features().strategy}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

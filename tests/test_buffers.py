@@ -23,6 +23,7 @@ def entries(ring: ProvidedRing) -> list[tuple[int, int, int]]:
         for i in range(ring.head, ring.tail)
     ]
 
+
 SPLITS = {20: (20, 44), 32: (16, 32)}
 """index_bits -> (index bits the kernel honours, offset bits), as the two seed kernels decode."""
 

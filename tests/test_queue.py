@@ -263,7 +263,7 @@ def test_bundle_sqe_and_entries() -> None:
     stream = FakeStream()
     stream.queue.write(memoryview(bytes(1500)))
     FixedProvidedBundle().flush(stream)  # type: ignore[arg-type]
-    (_, opcode, sqe), = stream.manager.ring.sqes
+    ((_, opcode, sqe),) = stream.manager.ring.sqes
     assert opcode == _abi.IORING_OP_SEND_ZC
     assert sqe["sqe_flags"] == _abi.IOSQE_BUFFER_SELECT
     assert sqe["ioprio"] == (
