@@ -17,6 +17,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 
+import pytest
 import trio
 
 import trio_uring
@@ -73,6 +74,18 @@ def fd_count() -> int:
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def vectored_fixed_with_a_successor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give vectored-fixed the bundle strategy's ``after_plain_sends``
+    successor (fixed-single), so that the switch it makes can be tested on
+    a kernel without the bundle strategy; skip where vectored-fixed does
+    not run."""
+    if "vectored-fixed" not in available_strategies():
+        pytest.skip("vectored-fixed does not run here")
+    from trio_uring._send import STRATEGY_IMPLS
+
+    monkeypatch.setattr(STRATEGY_IMPLS["vectored-fixed"], "after_plain_sends", "fixed-single")
 
 
 def stdlib_pair() -> tuple[socket.socket, socket.socket]:

@@ -35,6 +35,7 @@ from _reliability_helpers import (
     stdlib_pair,
     stream_and_peer,
     stream_pair,
+    vectored_fixed_with_a_successor,
 )
 from _streams import clog
 from trio_uring._shim_cffi import lib
@@ -192,11 +193,7 @@ async def test_a_stream_that_sent_without_the_arena_moves_to_its_strategys_succe
     stream moves to once it made them (``after_plain_sends``: the bundle
     strategy names fixed-single; the seed kernel's guest checks that case).
     Here vectored-fixed is given that successor for the test."""
-    if "vectored-fixed" not in available_strategies():
-        pytest.skip("vectored-fixed does not run here")
-    from trio_uring._send import STRATEGY_IMPLS
-
-    monkeypatch.setattr(STRATEGY_IMPLS["vectored-fixed"], "after_plain_sends", "fixed-single")
+    vectored_fixed_with_a_successor(monkeypatch)
     async with trio_uring.open_manager(strategy="vectored-fixed") as manager:
         free = manager.arena.free_slices
         taken = free[:]
@@ -228,11 +225,7 @@ async def test_a_socket_holding_unsent_bytes_starts_on_its_strategys_successor(
     first request: a strategy that does not mix with them is left at once.
     Bytes already sent are not in the way.  vectored-fixed is given the
     bundle strategy's successor for the test."""
-    if "vectored-fixed" not in available_strategies():
-        pytest.skip("vectored-fixed does not run here")
-    from trio_uring._send import STRATEGY_IMPLS
-
-    monkeypatch.setattr(STRATEGY_IMPLS["vectored-fixed"], "after_plain_sends", "fixed-single")
+    vectored_fixed_with_a_successor(monkeypatch)
     async with trio_uring.open_manager(strategy="vectored-fixed"):
         a, b = stdlib_pair()
         written = bytearray(b"p" * 100)

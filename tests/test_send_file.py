@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import trio
 import trio.testing
-from _reliability_helpers import available_strategies, fd_count, rst_close, run_python
+from _reliability_helpers import fd_count, rst_close, run_python, vectored_fixed_with_a_successor
 
 import trio_uring
 from trio_uring import _sendfile
@@ -149,11 +149,7 @@ async def test_a_splice_moves_the_stream_to_its_strategys_successor(
     bundle strategy names fixed-single; the seed kernel's guest checks that
     case) is left before the first splice, and not for a file read into
     the queue.  Here vectored-fixed is given that successor for the test."""
-    if "vectored-fixed" not in available_strategies():
-        pytest.skip("vectored-fixed does not run here")
-    from trio_uring._send import STRATEGY_IMPLS
-
-    monkeypatch.setattr(STRATEGY_IMPLS["vectored-fixed"], "after_plain_sends", "fixed-single")
+    vectored_fixed_with_a_successor(monkeypatch)
     small, small_data = make_file(tmp_path, 1000, "small.bin")
     large, large_data = make_file(tmp_path, _sendfile.SPLICE_MIN_BYTES, "large.bin")
     async with trio_uring.open_manager(strategy="vectored-fixed"):

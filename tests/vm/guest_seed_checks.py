@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from _reliability_helpers import settle
+from _reliability_helpers import drain, settle
 from _streams import tcp_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -204,14 +204,9 @@ def test_bundles_after_plain_sends_arrive_intact(plain: str, tmp_path: Path) -> 
             free = manager.arena.free_slices
             assert 1 in free  # the slice that starts one page into the buffer
             got = bytearray()
-
-            async def drain() -> None:
-                async for chunk in peer:
-                    got.extend(chunk)
-
             with trio.fail_after(30):
                 async with stream, peer, trio.open_nursery() as nursery:
-                    nursery.start_soon(drain)
+                    nursery.start_soon(drain, peer, got)
                     if plain == "arena-full":
                         taken = free[:]
                         free.clear()
