@@ -220,10 +220,14 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             )
         #: Queued bytes, and slices, past which this stream is flushed at
         #: once and not held for more messages at the tick (see
-        #: ``IOManager.flush_tick`` and ``_set_flush_thresholds``).
+        #: ``IOManager.flush_tick`` and ``_set_strategy_limits``).
         self.flush_threshold = FLUSH_THRESHOLD
         self.flush_slices = _NEVER
-        self._set_flush_thresholds()
+        #: The strategy's ``direct_min``, and the size under which a lone
+        #: message is sent at once (0: never), at hand for ``send_all``.
+        self.direct_min = self.strategy.direct_min
+        self.lone_max = 0
+        self._set_strategy_limits()
         if self.strategy.after_plain_sends is not None and _unsent_bytes(self.fd):
             # Bytes written before the socket was wrapped (a greeting, a
             # protocol's preface) still wait in it: plain socket data.
@@ -326,22 +330,28 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             switch = counters.consecutive_copied >= COPIED_SWITCH_THRESHOLD
         if switch:
             self.strategy = STRATEGY_IMPLS[COPIED_FALLBACK_STRATEGY]
-            self._set_flush_thresholds()
+            self._set_strategy_limits()
             self._adaptive = False
 
-    def _set_flush_thresholds(self) -> None:
-        """``FLUSH_THRESHOLD`` bytes, for a strategy that sends slices.
+    def _set_strategy_limits(self) -> None:
+        """Take the sizes ``send_all`` and the flush compare with from the
+        stream's strategy, which was just chosen or changed: read on every
+        message, they are the stream's own attributes, one lookup each.
 
-        A strategy that holds callers' bytes by reference holds up to the
-        stream's share of them, as long as its slices stay under
+        The flush threshold is ``FLUSH_THRESHOLD`` bytes for a strategy that
+        sends slices.  A strategy that holds callers' bytes by reference
+        holds up to the stream's share of them, as long as its slices stay under
         ``FLUSH_THRESHOLD``: held bytes cost neither a copy nor a slice while
         they wait, and every message more per ``send()`` saves a system
         call, where slices are the arena's, shared by every stream.  (Such a
         strategy's slices go back to the arena as soon as ``send()`` copied
         them, so the slices it holds are the ones queued, and the tail.)
         """
+        strategy = self.strategy
+        self.direct_min = strategy.direct_min
+        self.lone_max = strategy.direct_min if strategy.sends_at_once else 0
         queue = self.queue
-        if self.strategy.holds_bytes:
+        if strategy.holds_bytes:
             self.flush_threshold = queue.byte_limit
             self.flush_slices = max(1, FLUSH_THRESHOLD // queue.slice_size)
         else:
@@ -488,14 +498,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 self._check_can_send()
             await _checkpoint_if_cancelled()
             nbytes = len(view)
-            strategy = self.strategy
             tick = self.ticker.tick
             sent = 0
-            if (
-                tick > self.last_tick + 1
-                and 0 < nbytes < strategy.direct_min
-                and strategy.sends_at_once
-            ):
+            if tick > self.last_tick + 1 and 0 < nbytes < self.lone_max:
                 # A lone small message (a response, not a flow): one plain
                 # send() now, unless bytes queued earlier must go first.
                 # Holding it for the tick's flush would cost the queue's
@@ -514,16 +519,20 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                         self.break_sending(exc)
                         raise _stream_error(self, exc, "sending") from exc
                     else:
-                        self.counters.sent(sent)
+                        # ``counters.sent(sent)`` written out: the call was
+                        # a seventh of a lone message's send_all.
+                        counters = self.counters
+                        counters.sends += 1
+                        counters.bytes += sent
                         if sent == nbytes:
                             await _cancel_shielded_checkpoint()
                             return
                         view = memoryview(view)[sent:]
                         nbytes -= sent
-            if nbytes >= strategy.direct_min:
+            if nbytes >= self.direct_min:
                 if (
                     cls is bytes
-                    and strategy.holds_bytes
+                    and self.strategy.holds_bytes
                     and nbytes < FLUSH_THRESHOLD
                     and tick <= self.last_tick + 1
                 ):
@@ -704,7 +713,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         successor = self.strategy.after_plain_sends
         if successor is not None:
             self.strategy = STRATEGY_IMPLS[successor]
-            self._set_flush_thresholds()
+            self._set_strategy_limits()
 
     async def _write_waiting(
         self, view: memoryview, pos: int, *, prefix_sent: bool = False
