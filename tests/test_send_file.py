@@ -10,6 +10,7 @@ stream's send path.  The ``socket`` strategy has no ring and always uses
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -164,6 +165,41 @@ async def test_a_splice_moves_the_stream_to_its_strategys_successor(
             await stream.send_all(b"tail")
             await stream.aclose()
     assert bytes(got) == small_data + large_data + b"tail"
+
+
+@pytest.mark.parametrize("fallback", ["splice", "sendfile"])
+async def test_a_file_sent_without_the_arena_moves_the_stream_to_its_successor(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, fallback: str
+) -> None:
+    """A file that would be read into the queue, while other streams hold
+    every slice, goes by splice (or ``sendfile`` where the ring cannot
+    splice): plain socket data, so the stream leaves a strategy that does
+    not mix with it, whichever of the two sends it.  Here vectored-fixed is
+    given the bundle strategy's successor for the test."""
+    vectored_fixed_with_a_successor(monkeypatch)
+    body, data = make_file(tmp_path, 1000)
+    async with trio_uring.open_manager(strategy="vectored-fixed") as manager:
+        if fallback == "sendfile":
+            ops = manager.features.ops - {"SPLICE"}
+            monkeypatch.setattr(manager, "features", dataclasses.replace(manager.features, ops=ops))
+        stream, peer = await stream_pair()
+        free = manager.arena.free_slices
+        taken = free[:]
+        free.clear()
+        got = bytearray()
+        try:
+            async with peer, trio.open_nursery() as nursery:
+                nursery.start_soon(read_all, peer, got)
+                await stream.send_file(body)  # no slice free: spliced or sendfile()
+                assert stream.strategy.name == "fixed-single"
+                assert manager.stats()["arena_full_sends"] == 1
+                free.extend(taken)
+                taken = []
+                await stream.send_all(b"tail")
+                await stream.aclose()
+        finally:
+            free.extend(taken)
+    assert bytes(got) == data + b"tail"
 
 
 @pytest.mark.parametrize(

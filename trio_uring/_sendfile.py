@@ -530,7 +530,9 @@ async def _send_sendfile(
 ) -> None:
     """``os.sendfile`` on the nonblocking socket, waiting for room between
     calls, from byte ``sent`` of the ``count`` at ``offset``.  Disk reads
-    block the loop here: the fallback without a ring."""
+    block the loop here: the fallback without a ring.  Its bytes are plain
+    socket data to the requests that follow them (``after_plain_sends``)."""
+    stream._before_plain_sends()
     while sent < count:
         stream.check_open()
         try:

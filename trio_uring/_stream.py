@@ -702,14 +702,16 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     def _going_without_the_arena(self) -> None:
         """Other streams hold every free slice, and this stream is about to
         send with plain ``send()`` (or splice) calls: count it
-        (``arena_full_sends``), and ``_before_plain_sends``."""
+        (``arena_full_sends``).  Those calls leave the strategy themselves
+        (``_before_plain_sends``)."""
         self.manager.arena_full_sends += 1
-        self._before_plain_sends()
 
     def _before_plain_sends(self) -> None:
         """The stream is about to put bytes into its socket with plain
-        ``send()`` or splice calls: leave a strategy that does not mix with
-        those for its ``after_plain_sends`` successor."""
+        ``send()``, ``sendfile()`` or splice calls: leave a strategy that
+        does not mix with those for its ``after_plain_sends`` successor.
+        Each of those sends (``_send_direct`` and send_file's splice and
+        ``sendfile``) calls this first, whatever led to it."""
         successor = self.strategy.after_plain_sends
         if successor is not None:
             self.strategy = STRATEGY_IMPLS[successor]
@@ -739,6 +741,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
 
     async def _send_direct(self, view: memoryview) -> None:
         """Send from the caller's buffer, after everything queued before."""
+        self._before_plain_sends()
         if self.queue.nbytes or self.in_flight is not None:
             await self._drain()
         sock, nbytes, sent = self.stdlib_socket, view.nbytes, 0
