@@ -218,15 +218,12 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             self.bgid = self.manager.register_buf_ring(
                 self.provided_ring.address, self.provided_ring.entries
             )
-        #: Queued bytes, and slices, past which this stream is flushed at
-        #: once and not held for more messages at the tick (see
-        #: ``IOManager.flush_tick`` and ``_set_strategy_limits``).
-        self.flush_threshold = FLUSH_THRESHOLD
-        self.flush_slices = _NEVER
-        #: The strategy's ``direct_min``, and the size under which a lone
-        #: message is sent at once (0: never), at hand for ``send_all``.
-        self.direct_min = self.strategy.direct_min
-        self.lone_max = 0
+        # Sizes that follow the strategy, set again whenever it changes:
+        # ``flush_threshold`` and ``flush_slices``, the queued bytes and
+        # slices past which this stream is flushed at once and not held for
+        # more messages at the tick (see ``IOManager.flush_tick``);
+        # ``direct_min``, the strategy's; ``lone_max``, the size under which
+        # a lone message is sent at once (0: never).
         self._set_strategy_limits()
         if self.strategy.after_plain_sends is not None and _unsent_bytes(self.fd):
             # Bytes written before the socket was wrapped (a greeting, a
