@@ -431,13 +431,14 @@ async def test_a_flow_is_held_while_it_queues_and_flushed_once_it_pauses_or_trio
     async with trio_uring.open_manager(strategy="copy") as manager:
         left, right = await zc_tcp_pair()
         flushed_at: list[int] = []  # the tick whose end flushed the stream
-        real_flush = left.flush
+        real_flush = trio_uring.ZeroCopyStream.flush
 
-        def flush() -> None:
-            flushed_at.append(manager.ticker.tick - 1)
-            real_flush()
+        def flush(stream: trio_uring.ZeroCopyStream) -> None:
+            if stream is left:
+                flushed_at.append(manager.ticker.tick - 1)
+            real_flush(stream)
 
-        monkeypatch.setattr(left, "flush", flush)
+        monkeypatch.setattr(trio_uring.ZeroCopyStream, "flush", flush)
         async with left, right:
             await left.send_all(b"r")  # a lone message: one send() at once
             assert left.stats().sends == 1 and not left.queue.nbytes

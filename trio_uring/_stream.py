@@ -156,6 +156,46 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     ``trio.aclose_forcefully`` (a cancelled ``aclose``) drops it.
     """
 
+    # Slots, not a dict: the interpreter reads a slot at a fixed offset,
+    # and send_all and receive_some read a dozen attributes per call.
+    __slots__ = (
+        "_adaptive",
+        "_closed",
+        "_eof_sent",
+        "_error_unreported",
+        "_iov",
+        "_msghdr_address",
+        "_parked",
+        "_progress",
+        "_receive_conflict",
+        "_recv_address",
+        "_recv_buffer",
+        "_requests_cancelled",
+        "_route",
+        "_send_broken",
+        "_send_conflict",
+        "bgid",
+        "counters",
+        "direct_min",
+        "fd",
+        "flush_pending",
+        "flush_slices",
+        "flush_threshold",
+        "hold_tick",
+        "in_flight",
+        "last_tick",
+        "lone_max",
+        "manager",
+        "msghdr",
+        "provided_ring",
+        "queue",
+        "socket",
+        "stdlib_socket",
+        "strategy",
+        "ticker",
+        "unpublished_head",
+    )
+
     def __init__(self, socket: trio.socket.SocketType) -> None:
         if not isinstance(socket, trio.socket.SocketType):
             raise TypeError(
