@@ -25,6 +25,7 @@ import pytest
 import trio
 import trio.testing
 from _reliability_helpers import fd_count, rst_close, run_python, vectored_fixed_with_a_successor
+from _streams import clog
 
 import trio_uring
 from trio_uring import _sendfile
@@ -509,6 +510,42 @@ async def test_peer_reset_is_broken_resource(manager, path, big_file) -> None:
         nursery.start_soon(send)
         await trio.testing.wait_all_tasks_blocked()
         rst_close(peer.socket)
+
+
+async def test_a_reset_while_the_file_is_read_breaks_the_stream_and_loses_no_slice(
+    manager, strategy, tmp_path, monkeypatch
+) -> None:
+    """Queued bytes fail (the peer reset) while send_file waits for its
+    READ_FIXED: the failure cleared the queue, so the bytes read must not be
+    queued behind what was lost.  send_file raises BrokenResourceError, and
+    every slice goes back to the arena."""
+    if strategy == "socket":
+        pytest.skip("without a ring, send_file reads nothing into the queue")
+    monkeypatch.setattr(_sendfile, "SPLICE_MIN_BYTES", 1 << 62)
+    name, _ = make_file(tmp_path, 100)
+    stream, peer = await stream_pair(clogged=True)
+    arena = manager.arena
+    await clog(stream)
+    # More than a send may put past a full socket's limit, and under
+    # ``copy`` queued (under ``direct_min``), not sent from the caller's
+    # buffer, which would wait in send_all.
+    await stream.send_all(b"y" * min(100_000, stream.direct_min - 1))
+    await trio.testing.wait_all_tasks_blocked()
+    assert stream.in_flight is not None  # the flush's send waits for the socket
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        rst_close(peer.socket)
+        # An fd, not a path: opening a path may wait, and the failure would
+        # be in before the read began.
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await stream.send_file(fd)
+    finally:
+        os.close(fd)
+    assert info.value.__cause__.errno in (errno.ECONNRESET, errno.EPIPE)
+    await stream.aclose()
+    lost = [i for i in range(arena.n_slices) if arena.refs[i] == 0 and i not in arena.free_slices]
+    assert lost == []
+    assert not stream.queue.unsent
 
 
 async def test_aclose_from_another_task(manager, path, big_file) -> None:

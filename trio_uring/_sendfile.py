@@ -486,9 +486,12 @@ async def _send_read(stream: ZeroCopyStream, fd: int, offset: int, count: int) -
         except BaseException:
             queue.unreserve()
             raise
-        if res <= 0 or stream._closed:
+        if res <= 0 or stream._closed or stream._send_broken is not None:
             queue.unreserve()
             stream.check_open()
+            # The kernel failed bytes queued before these while the file was
+            # read, and that cleared the queue: these cannot follow them.
+            stream._raise_if_broken()
             # What was read is an intact prefix: send it before saying how
             # much of the file was sent.
             await stream._drain()
