@@ -10,6 +10,7 @@ invariant 2 (bytes go out in order, each once).
 
 from __future__ import annotations
 
+import errno
 import inspect
 import struct
 
@@ -23,7 +24,7 @@ from trio_uring._buffers import ProvidedRing, RegisteredArena, decode_fixed_prov
 from trio_uring._manager import SendCounters
 from trio_uring._queue import OutboundQueue
 from trio_uring._ring import Ring
-from trio_uring._send import FixedProvidedBundle, SendRequest
+from trio_uring._send import FixedProvidedBundle, FixedSingle, SendRequest, VectoredFixed
 
 
 def make_queue(n_slices: int = 4, slice_size: int = 64, limit: int = 2) -> OutboundQueue:
@@ -394,3 +395,66 @@ def test_miscounted_slices_and_bytes_raise_instead_of_corrupting_the_counts() ->
         queue.unref(slice_id)
     with pytest.raises(IndexError):
         queue.unref(99)
+
+
+def test_a_negative_count_raises_instead_of_failing_without_an_exception() -> None:
+    for use in (lambda q: q.unref(q.tail), lambda q: q.consume(3)):
+        queue = make_queue()
+        queue.write(b"abc")
+        queue.refs[queue.tail] = -2  # corrupted from outside
+        with pytest.raises(RuntimeError, match="negative count"):
+            use(queue)
+
+
+def test_a_commit_into_a_cleared_queue_is_refused_and_the_reservation_stands() -> None:
+    """The kernel failed queued bytes while a reservation was being filled:
+    the cleared queue refuses the bytes, and giving the reservation up
+    returns every slice to the arena."""
+    queue = make_queue()
+    queue.write(b"headers")
+    view = queue.reserve(16)
+    assert view is not None
+    view.release()
+    queue.clear()
+    with pytest.raises(RuntimeError, match="no tail slice"):
+        queue.commit(16)
+    assert not queue.unsent and queue.nbytes == 0
+    queue.unreserve()
+    assert queue.held == 0 and queue.arena.free_count == queue.arena.n_slices
+
+
+def test_a_commit_larger_than_the_room_left_in_the_tail_is_refused() -> None:
+    queue = make_queue(slice_size=64)
+    view = queue.reserve(8)
+    assert view is not None
+    view.release()
+    with pytest.raises(ValueError, match="do not lie in the tail slice"):
+        queue.commit(100)
+    with pytest.raises(ValueError, match="do not lie in the tail slice"):
+        queue.commit(-1)
+    assert not queue.unsent and queue.fill == 0
+    queue.commit(8)
+    queue.write(b"abc")
+    assert queue.nbytes == 11 and [s[:2] for s in queue.unsent] == [[0, 11]]
+
+
+class FailingRing(FakeRing):
+    def start(self, entry: object, opcode: int, fd: int, *fields: int, **named: int) -> int:
+        raise OSError(errno.ENOMEM, "no room to stage the SQE")
+
+
+@pytest.mark.parametrize("strategy", [VectoredFixed(), FixedSingle(), FixedProvidedBundle()])
+def test_a_flush_that_fails_gives_back_the_segments_it_took(strategy: object) -> None:
+    """The stream fails when a flush raises, and clearing its queue reaches
+    only what is still queued: the segments the flush took are released
+    by the flush, or their slices never return to the arena."""
+    stream = FakeStream()
+    stream.manager.ring = FailingRing()
+    stream.fill_msghdr = lambda segments: 0  # type: ignore[attr-defined]
+    stream.queue.write(memoryview(bytes(1500)))
+    with pytest.raises(OSError):
+        strategy.flush(stream)  # type: ignore[attr-defined]
+    assert stream.in_flight is None
+    stream.queue.clear()  # what the stream's fail() does
+    arena = stream.manager.arena
+    assert stream.queue.held == 0 and arena.free_count == arena.n_slices

@@ -124,10 +124,14 @@ class OutboundQueue(QueueCore):
         self._drop_idle_tail()
 
     def commit(self, nbytes: int) -> None:
-        """Queue ``nbytes`` written into the view ``reserve`` returned."""
+        """Queue ``nbytes`` written into the view ``reserve`` returned.
+
+        Queued first, then the reservation's count dropped: if the queue
+        refuses the bytes (it was cleared meanwhile), the reservation
+        stands, for ``unreserve()`` to give up."""
+        self._append(self.tail_offset + self.fill, nbytes)
         self.refs[self.reserved] -= 1
         self.reserved = -1
-        self._append(self.tail_offset + self.fill, nbytes)
 
     def retire_tail(self) -> None:
         """Give up the tail slice for good (something outside the library may

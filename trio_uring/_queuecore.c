@@ -166,7 +166,10 @@ ref_count(QueueCore *self, Py_ssize_t slice)
         PyErr_SetString(PyExc_IndexError, "slice outside the arena");
         return -1;
     }
-    return PyLong_AsSsize_t(PyList_GET_ITEM(self->refs, slice));
+    Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(self->refs, slice));
+    if (count < 0 && !PyErr_Occurred())
+        PyErr_Format(PyExc_RuntimeError, "slice %zd has a negative count (%zd)", slice, count);
+    return count < 0 ? -1 : count;
 }
 
 /* refs[slice] += delta; the new count, or -1 with an exception set. */
@@ -399,12 +402,25 @@ QueueCore_release(QueueCore *self, PyObject *segments)
 
 /* Record nbytes just written at start, the tail's fill point: they extend
  * the last queued segment when it ends there in the same slice, else they
- * become a segment of their own, which counts the tail once more. */
+ * become a segment of their own, which counts the tail once more.  Bytes
+ * that are not at the fill point of a tail, or do not fit in it, are
+ * refused before anything changes. */
 static int
 append_segment(QueueCore *self, Py_ssize_t start, Py_ssize_t nbytes)
 {
     if (self->unsent == NULL || self->refs == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the queue has no segment list");
+        return -1;
+    }
+    if (self->tail < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the queue has no tail slice to append to");
+        return -1;
+    }
+    if (start != self->tail_offset + self->fill || nbytes < 0
+        || nbytes > self->slice_size - self->fill) {
+        PyErr_Format(PyExc_ValueError,
+                     "%zd bytes at %zd do not lie in the tail slice after its %zd bytes",
+                     nbytes, start, self->fill);
         return -1;
     }
     Py_ssize_t queued = PyObject_Length(self->unsent);
@@ -492,7 +508,7 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
     }
     char *base = self->arena.buf;
     while (pos < total) {
-        if (self->tail < 0 || self->fill == self->slice_size) {
+        if (self->tail < 0 || self->fill >= self->slice_size) {
             int ok = new_tail(self);
             if (ok < 0)
                 goto error;
