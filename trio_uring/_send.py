@@ -94,7 +94,9 @@ class SendStrategy(Protocol):
 
     ``flush`` is called only while the stream has queued bytes and no send
     in flight; it prepares an SQE (``stream.begin`` records the request) or
-    sends at once, and raises ``OSError`` for an error of the socket.
+    sends at once, and raises ``OSError`` for an error of the socket.  A
+    flush that raises after taking segments from the queue releases them
+    first: the stream then fails, and nothing else would.
     ``direct_min`` is the payload size from which ``send_all`` skips the
     queue and sends from the caller's buffer.  ``sends_at_once``: a small
     message of a stream that is not in a flow of messages goes out with a
@@ -135,31 +137,39 @@ class VectoredFixed:
     def flush(self, stream: ZeroCopyStream) -> None:
         segments = stream.queue.take(_abi.UIO_MAXIOV)
         request = SendRequest(stream, segments)
-        prep_sendmsg_zc(
-            stream.manager.ring,
-            request,
-            stream.fd,
-            stream.fill_msghdr(segments),
-            SEND_MSG_FLAGS,
-            ZC_FIXED_FLAGS,
-            stream.manager.arena.buf_index,
-        )
+        try:
+            prep_sendmsg_zc(
+                stream.manager.ring,
+                request,
+                stream.fd,
+                stream.fill_msghdr(segments),
+                SEND_MSG_FLAGS,
+                ZC_FIXED_FLAGS,
+                stream.manager.arena.buf_index,
+            )
+        except BaseException:
+            stream.queue.release(segments)
+            raise
         stream.begin(request)
 
 
 def send_fixed_run(stream: ZeroCopyStream, request: SendRequest) -> None:
     """Prepare SEND_ZC + FIXED_BUF of ``request``, one contiguous arena range."""
     arena = stream.manager.arena
-    prep_send_zc(
-        stream.manager.ring,
-        request,
-        stream.fd,
-        arena.base + request.segments[0][0],
-        request.nbytes,
-        SEND_MSG_FLAGS,
-        ZC_FIXED_FLAGS,
-        arena.buf_index,
-    )
+    try:
+        prep_send_zc(
+            stream.manager.ring,
+            request,
+            stream.fd,
+            arena.base + request.segments[0][0],
+            request.nbytes,
+            SEND_MSG_FLAGS,
+            ZC_FIXED_FLAGS,
+            arena.buf_index,
+        )
+    except BaseException:
+        stream.queue.release(request.segments)
+        raise
     stream.begin(request)
 
 
@@ -243,20 +253,24 @@ class FixedProvidedBundle:
             send_fixed_run(stream, _HeadRequest(stream, queue.take(1)))
             return
         segments = queue.take(ring.entries)
-        # Entries a short send left published lead the queue: publish the rest.
-        ring.publish(stream.manager.arena, segments[ring.published :])
         request = _BundleRequest(stream, segments)
-        prep_send_zc(
-            stream.manager.ring,
-            request,
-            stream.fd,
-            0,
-            0,
-            SEND_MSG_FLAGS,
-            ZC_FIXED_FLAGS | _abi.IORING_RECVSEND_BUNDLE,
-            stream.bgid,
-            _abi.IOSQE_BUFFER_SELECT,
-        )
+        try:
+            # Entries a short send left published lead the queue: publish the rest.
+            ring.publish(stream.manager.arena, segments[ring.published :])
+            prep_send_zc(
+                stream.manager.ring,
+                request,
+                stream.fd,
+                0,
+                0,
+                SEND_MSG_FLAGS,
+                ZC_FIXED_FLAGS | _abi.IORING_RECVSEND_BUNDLE,
+                stream.bgid,
+                _abi.IOSQE_BUFFER_SELECT,
+            )
+        except BaseException:
+            queue.release(segments)
+            raise
         stream.begin(request)
 
 
@@ -308,11 +322,15 @@ class Copy:
         segments = stream.queue.take(_abi.UIO_MAXIOV)
         request = SendRequest(stream, segments)
         ring = stream.manager.ring
-        if len(segments) == 1:
-            address = stream.queue.segment_address(segments[0])
-            prep_send(ring, request, stream.fd, address, request.nbytes, SEND_MSG_FLAGS)
-        else:
-            prep_sendmsg(ring, request, stream.fd, stream.fill_msghdr(segments), SEND_MSG_FLAGS)
+        try:
+            if len(segments) == 1:
+                address = stream.queue.segment_address(segments[0])
+                prep_send(ring, request, stream.fd, address, request.nbytes, SEND_MSG_FLAGS)
+            else:
+                prep_sendmsg(ring, request, stream.fd, stream.fill_msghdr(segments), SEND_MSG_FLAGS)
+        except BaseException:
+            stream.queue.release(segments)
+            raise
         stream.begin(request)
 
 
