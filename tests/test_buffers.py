@@ -158,3 +158,18 @@ def test_arena_validates_its_configuration() -> None:
         RegisteredArena(2 << 30, 1 << 20)
     with pytest.raises(TypeError):
         RegisteredArena(4096.0, 1024)  # type: ignore[arg-type]
+
+
+def test_the_ring_index_wraps_where_the_tail_outgrows_32_bits() -> None:
+    """The tail counts every entry ever published; the entry's slot and the
+    kernel's 16-bit tail are that count modulo their sizes, past 2**32 too."""
+    arena = RegisteredArena(4 * 4096, 4096, buf_index=3)
+    ring = ProvidedRing(4, fixed=True, index_bits=20)
+    ring.tail = ring.head = 2**32 - 1
+    ring.publish(arena, [(0, 10, 0), (4096, 20, 1)])
+    assert ring.published == 2
+    assert ring.published_tail == (2**32 + 1) & 0xFFFF
+    assert [(decode_fixed_provided(a, 20), n, bid) for a, n, bid in entries(ring)] == [
+        ((3, 0), 10, 0),
+        ((3, 4096), 20, 1),
+    ]

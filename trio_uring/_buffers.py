@@ -257,7 +257,16 @@ class ProvidedRing:
             addr = (offset << shift) | buf_index if fixed else base + offset
             # The bid is ours alone (nothing reads it back): registered
             # content, which has no slice number, gets 0xFFFF.
-            put(bufs, mask, tail, addr, length, slice_id if slice_id.__class__ is int else 0xFFFF)
+            # The entry's index within the ring: ``tail`` itself grows without
+            # bound, past what the shim's 32-bit index holds.
+            put(
+                bufs,
+                mask,
+                tail & mask,
+                addr,
+                length,
+                slice_id if slice_id.__class__ is int else 0xFFFF,
+            )
             tail += 1
         self.tail = tail
         lib.tu_buf_ring_publish(bufs, tail & 0xFFFF)
