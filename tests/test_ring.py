@@ -128,6 +128,25 @@ def test_cancel_blocked_recv(ring: Ring) -> None:
         assert ring.table == {}
 
 
+def test_a_closed_ring_refuses_use_instead_of_touching_unmapped_memory() -> None:
+    ring = Ring(8)
+    ring.close()
+    ring.close()  # closing twice is harmless
+    uses = {
+        "push": lambda: ring.push(_abi.IORING_OP_NOP, -1),
+        "start": lambda: prep_nop(ring, Collect()),
+        "submit": ring.submit,
+        "submit_and_reap": ring.submit_and_reap,
+        "reap": ring.reap,
+        "sq_pending": lambda: ring.sq_pending,
+        "cq_ready": lambda: ring.cq_ready,
+    }
+    for name, use in uses.items():
+        with pytest.raises(RuntimeError, match="ring is closed"):
+            use()
+        assert ring.table == {}, name
+
+
 def test_setup_failure_is_reported() -> None:
     lib.tu_fault_setup_errno = errno.EPERM
     try:

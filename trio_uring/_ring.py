@@ -108,6 +108,13 @@ class Completion(Protocol):
         """Take one CQE; return True when no more CQEs will follow."""
 
 
+def _closed_ring() -> RuntimeError:
+    # The shim unmapped the rings: touching them would crash the process.
+    return RuntimeError(
+        "this io_uring ring is closed: nothing can be submitted to or reaped from it"
+    )
+
+
 class RingSetupError(OSError):
     """io_uring_setup (or mapping the ring) failed; ``errno`` says why."""
 
@@ -202,6 +209,8 @@ class Ring:
     ) -> None:
         """Stage one SQE; the next ``submit`` or ``submit_and_reap`` hands it
         to the kernel, after every SQE staged before it."""
+        if self.closed:
+            raise _closed_ring()
         n = self._staged
         if n == self._staging_capacity:
             self._grow_staging()
@@ -274,6 +283,8 @@ class Ring:
     def submit(self) -> None:
         """Hand every staged SQE to the kernel, and any a short submit left
         in the SQ.  With SQPOLL, publish them to the kernel's thread instead."""
+        if self.closed:
+            raise _closed_ring()
         if self.sqpoll:
             self._publish_staged()
             return
@@ -322,12 +333,17 @@ class Ring:
     @property
     def sq_pending(self) -> int:
         """SQEs the kernel has not taken yet: staged, or left in the SQ."""
+        if self.closed:
+            raise _closed_ring()
         return self._staged + lib.tu_sq_pending(self._ring)
 
     # -- completion -------------------------------------------------------
 
     @property
     def cq_ready(self) -> int:
+        """Completions waiting in the CQ."""
+        if self.closed:
+            raise _closed_ring()
         return lib.tu_cq_ready(self._ring)
 
     def _flush_kernel_side(self) -> None:
@@ -346,6 +362,8 @@ class Ring:
         behind.  ``run_task_work=False`` skips the syscall that runs
         DEFER_TASKRUN work, for callers that just entered the kernel.
         """
+        if self.closed:
+            raise _closed_ring()
         if run_task_work and self._eventfd >= 0:
             try:
                 os.eventfd_read(self._eventfd)
@@ -370,6 +388,8 @@ class Ring:
         """``submit`` then ``reap(run_task_work=False)``, in one shim call
         when nothing unusual happens: the path every request and every flush
         takes."""
+        if self.closed:
+            raise _closed_ring()
         if self.sqpoll:
             self.submit()
             self.reap(run_task_work=False)
