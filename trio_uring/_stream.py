@@ -150,8 +150,10 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
 
     Cancelling ``send_all`` before it queued anything leaves the stream
     usable.  Cancelling it once it queued part of the data (it was waiting
-    for room) leaves the stream *broken*: that prefix will be sent, so every
-    later ``send_all`` raises ``BrokenResourceError``.  Receiving still works.
+    for room) leaves the stream *broken*, as trio's streams are after a
+    cancelled ``send_all``: the peer gets some prefix of the bytes sent, and
+    every later ``send_all`` raises ``BrokenResourceError``.  Receiving
+    still works, and ``aclose`` closes at once, dropping what is queued.
     A graceful ``aclose`` or ``send_eof`` first sends everything queued;
     ``trio.aclose_forcefully`` (a cancelled ``aclose``) drops it.
     """
@@ -160,6 +162,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     # and send_all and receive_some read a dozen attributes per call.
     __slots__ = (
         "_adaptive",
+        "_busy_without_a_message",
         "_closed",
         "_eof_sent",
         "_error_unreported",
@@ -305,6 +308,10 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._receive_conflict = ConflictDetector(
             "another task is currently receiving data on this ZeroCopyStream"
         )
+        #: The send side is busy with a call that queues nothing of its own
+        #: (``wait_send_all_might_not_block``, ``send_eof``): ``aclose`` may
+        #: still send what is queued.
+        self._busy_without_a_message = False
 
     @classmethod
     def from_socket(cls, sock: trio.socket.SocketType) -> ZeroCopyStream:
@@ -686,7 +693,12 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             return
         self.flush()
         if self.manager.ring is not None and self.manager.ring.sq_pending:
-            self.manager.submit_prepared()
+            try:
+                self.manager.submit_prepared()
+            except OSError as exc:
+                # As at the tick's flush: the request's bytes are lost to the
+                # stream, and the next call says so (BrokenResourceError).
+                self.fail(exc)
 
     async def _park(self) -> None:
         """Wait in ``_progress`` until ``_wake``.
@@ -942,38 +954,45 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         ``BrokenResourceError`` once the kernel failed queued bytes.
         """
         with self._send_conflict:
-            self.check_open()
-            await _checkpoint_if_cancelled()
-            self._raise_if_broken()
-            if self.manager.ring is None:
-                await trio.lowlevel.wait_writable(self.fd)
-                return
-            if not self.queue.writable and not await self._wait_for_room():
-                # send_all would send without the arena: wait for the socket.
-                await trio.lowlevel.wait_writable(self.fd)
-                return
-            await _cancel_shielded_checkpoint()
+            self._busy_without_a_message = True
+            try:
+                self.check_open()
+                await _checkpoint_if_cancelled()
+                self._raise_if_broken()
+                if self.manager.ring is None:
+                    await trio.lowlevel.wait_writable(self.fd)
+                    return
+                if not self.queue.writable and not await self._wait_for_room():
+                    # send_all would send without the arena: wait for the socket.
+                    await trio.lowlevel.wait_writable(self.fd)
+                    return
+                await _cancel_shielded_checkpoint()
+            finally:
+                self._busy_without_a_message = False
 
     async def send_eof(self) -> None:
         """Send everything queued, then shut down the sending side
-        (``shutdown(SHUT_WR)``); idempotent."""
+        (``shutdown(SHUT_WR)``); idempotent.
+
+        Cancelled while the queue drains, it leaves the stream as it was:
+        the queued bytes stay queued, in order, and sending may go on."""
         with self._send_conflict:
-            await _checkpoint_if_cancelled()
-            self.check_open()
-            if self._eof_sent:
-                await _cancel_shielded_checkpoint()
-                return
+            self._busy_without_a_message = True
             try:
+                await _checkpoint_if_cancelled()
+                self.check_open()
+                if self._eof_sent:
+                    await _cancel_shielded_checkpoint()
+                    return
                 await self._drain()
-            except trio.Cancelled as exc:
-                self.break_sending(exc)
-                raise
-            self._eof_sent = True
-            try:
-                self.socket.shutdown(_stdlib_socket.SHUT_WR)
-            except OSError as exc:
-                raise _stream_error(self, exc, "sending EOF") from exc
-            await _cancel_shielded_checkpoint()
+                self._eof_sent = True
+                try:
+                    self.socket.shutdown(_stdlib_socket.SHUT_WR)
+                except OSError as exc:
+                    raise _stream_error(self, exc, "sending EOF") from exc
+                await _cancel_shielded_checkpoint()
+            finally:
+                self._busy_without_a_message = False
 
     # -- receiving --------------------------------------------------------------
 
@@ -1076,22 +1095,31 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         graceful close; bound it with a timeout or use
         ``trio.aclose_forcefully`` where the peer may be gone.  Cancelled
         (``trio.aclose_forcefully``), it drops the queued bytes and closes at
-        once, and so it does while another task is inside ``send_all`` (that
-        message is incomplete anyway; the other task gets
-        ``ClosedResourceError``).  Requests in flight end with
-        ``ClosedResourceError``.
+        once, and so it does while another task is inside ``send_all``,
+        ``reserve`` or ``send_file`` (that message is incomplete anyway; the
+        other task gets ``ClosedResourceError``).  A task waiting in
+        ``wait_send_all_might_not_block`` or ``send_eof`` queues nothing of
+        its own: the queue is sent, and that task returns or gets
+        ``ClosedResourceError``.  A stream whose sending side broke (a
+        ``send_all`` cancelled part way, or failed) closes at once, as
+        ``trio.SSLStream``'s does: the peer has a prefix of what was sent,
+        and what is still queued is dropped.  Should another task close the
+        stream meanwhile, this call returns: the stream is closed.  Requests
+        in flight end with ``ClosedResourceError``.
 
         Raises ``BrokenResourceError`` if queued bytes were lost (the kernel
         failed them: a reset, ``EPIPE``; or other code closed the socket)
         and no other call has said so yet, so that a graceful close never
         loses data silently: wrap ``async with stream:`` in the ``try`` that
         handles the stream's errors.  It raises no such error when
-        cancelled (its caller chose to drop what was queued), nor while
-        another exception propagates (in a ``finally``, or leaving an
-        ``async with`` whose body raised), which it must not replace.  The
-        stream is closed either way.  Slices of sends still awaiting
-        notifications return to the arena when those arrive, after the
-        socket is gone.
+        cancelled (its caller chose to drop what was queued), nor while an
+        exception is handled or on its way out (in an ``except`` or
+        ``finally`` block, or leaving an ``async with`` whose body raised),
+        which it must not replace: Python cannot tell a ``finally`` that a
+        ``Cancelled`` passes through from an ``except`` block, so both count.
+        The stream is closed either way.  Slices of
+        sends still awaiting notifications return to the arena when those
+        arrive, after the socket is gone.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -1102,7 +1130,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 self._forget_socket()
             elif (
                 self._send_broken is None
-                and not self._send_conflict.busy
+                and (not self._send_conflict.busy or self._busy_without_a_message)
                 and (self.queue.nbytes or self.in_flight is not None)
             ):
                 await _checkpoint_if_cancelled()
@@ -1110,6 +1138,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     await self._drain()
                 except trio.BrokenResourceError as exc:
                     lost = exc  # new: nothing was broken when the drain began
+                except trio.ClosedResourceError:
+                    if not self._closed:
+                        raise
+                    # Another task closed the stream meanwhile (a forceful
+                    # close, or a second aclose): closed it is.
             if lost is None and self._error_unreported:
                 lost = self._loss_error()
         finally:

@@ -1,0 +1,178 @@
+"""A graceful close sends what was queued, and says when it could not.
+
+``aclose`` and ``send_eof`` first send everything queued: messages whose
+``send_all`` returned reach the peer whatever else happens on a send side
+that did not break (a cancelled ``send_eof``, another task waiting for
+room, a second close).  A failed submission breaks the stream rather than
+escaping as a bare ``OSError``, and one the kernel refused for a moment is
+submitted again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket as stdlib_socket
+
+import pytest
+import trio
+import trio.testing
+from _streams import clog, runnable_strategies, tcp_pair
+
+import trio_uring
+from trio_uring import _ring
+
+RING_STRATEGIES = [s for s in runnable_strategies() if s != "socket"]
+ZERO_COPY_STRATEGIES = [s for s in RING_STRATEGIES if s != "copy"]
+
+pytestmark = pytest.mark.skipif(not RING_STRATEGIES, reason="needs io_uring")
+
+
+async def zc_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:
+    """Two ZeroCopyStreams over loopback with small socket buffers, so that
+    a peer that does not read stops the sender soon."""
+    left, right = await tcp_pair()
+    right = trio_uring.ZeroCopyStream(right.socket)
+    for stream in (left, right):
+        stream.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, 16384)
+        stream.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, 16384)
+    return left, right
+
+
+async def read_all(stream: trio.abc.ReceiveStream, into: bytearray) -> None:
+    while chunk := await stream.receive_some(65536):
+        into += chunk
+
+
+@pytest.mark.parametrize("strategy", RING_STRATEGIES)
+async def test_a_cancelled_send_eof_leaves_the_stream_as_it_was(strategy: str) -> None:
+    async with trio_uring.open_manager(strategy=strategy):
+        left, right = await zc_pair()
+        clogged = await clog(left)
+        await left.send_all(b"A" * 5000)
+        with trio.move_on_after(0.2) as scope:
+            await left.send_eof()
+        assert scope.cancelled_caught
+        await left.send_all(b"C" * 10)  # still usable: queued after A
+        received = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all, right, received)
+            with trio.fail_after(5):
+                await left.aclose()
+        await right.aclose()
+        assert received == b"x" * clogged + b"A" * 5000 + b"C" * 10
+
+
+@pytest.mark.parametrize("other", ["wait_send_all_might_not_block", "send_eof"])
+@pytest.mark.parametrize("strategy", RING_STRATEGIES)
+async def test_aclose_sends_the_queue_while_another_task_waits_on_the_send_side(
+    strategy: str, other: str
+) -> None:
+    """Only a task inside send_all (an incomplete message) makes aclose drop
+    the queue; these two calls queue nothing of their own."""
+    async with trio_uring.open_manager(strategy=strategy):
+        left, right = await zc_pair()
+        clogged = await clog(left)
+        queued = 0
+        while True:  # fill the queue until wait_send_all_might_not_block waits
+            with trio.move_on_after(0.1) as scope:
+                await left.wait_send_all_might_not_block()
+            if scope.cancelled_caught:
+                break
+            await left.send_all(b"q" * 16384)
+            queued += 16384
+        received = bytearray()
+        async with trio.open_nursery() as nursery:
+
+            async def waiter() -> None:
+                # It may finish first (room, or EOF sent), or see the close.
+                with contextlib.suppress(trio.ClosedResourceError):
+                    await getattr(left, other)()
+
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(read_all, right, received)
+            with trio.fail_after(10):
+                await left.aclose()
+        await right.aclose()
+        assert received == b"x" * clogged + b"q" * queued
+
+
+@pytest.mark.parametrize("forceful", [True, False], ids=["forceful", "graceful"])
+@pytest.mark.parametrize("strategy", RING_STRATEGIES)
+async def test_a_draining_aclose_returns_when_another_task_closes_the_stream(
+    strategy: str, forceful: bool
+) -> None:
+    async with trio_uring.open_manager(strategy=strategy):
+        left, right = await zc_pair()
+        await clog(left)
+        await left.send_all(b"q" * 5000)  # queued behind the full socket
+        async with trio.open_nursery() as nursery:
+
+            async def other_close() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                if forceful:
+                    await trio.aclose_forcefully(left)
+                else:
+                    nursery.start_soon(read_all, right, bytearray())
+                    await left.aclose()
+
+            nursery.start_soon(other_close)
+            with trio.fail_after(5):
+                await left.aclose()
+        await right.aclose()
+
+
+@pytest.mark.parametrize("strategy", ZERO_COPY_STRATEGIES)
+async def test_a_failed_enter_in_send_alls_flush_breaks_the_stream(
+    strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the tick's flush does with the error, a flush inside send_all
+    does too: the stream breaks, and no bare OSError escapes."""
+    async with trio_uring.open_manager(strategy=strategy) as manager:
+        left, right = await zc_pair()
+        ring = manager.ring
+        real = ring.submit_and_reap
+
+        def failing() -> None:
+            monkeypatch.setattr(ring, "submit_and_reap", real)
+            raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+
+        monkeypatch.setattr(ring, "submit_and_reap", failing)
+        await left.send_all(b"x" * (300 * 1024))  # past the flush threshold
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await left.send_all(b"y")
+        assert info.value.__cause__.errno == errno.ENOMEM
+        await trio.aclose_forcefully(left)
+        await right.aclose()
+
+
+@pytest.mark.parametrize("strategy", ZERO_COPY_STRATEGIES)
+async def test_sqes_a_busy_kernel_refused_are_submitted_again(
+    strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EBUSY from io_uring_enter leaves the tick's SQE staged; with nothing
+    else to submit, the manager's once-a-second check hands it over."""
+    async with trio_uring.open_manager(strategy=strategy):
+        left, right = await tcp_pair()
+        real = _ring.lib
+        refusals = [2]  # submit_and_reap's attempt and submit()'s retry
+
+        class BusyLib:
+            def __getattr__(self, name: str) -> object:
+                return getattr(real, name)
+
+            def tu_submit_staged(self, ring: object, staged: object, count: int, *rest):
+                if refusals[0] and count:
+                    refusals[0] -= 1
+                    rest[-1][0] = 0  # nothing copied into the SQ
+                    return -errno.EBUSY
+                return real.tu_submit_staged(ring, staged, count, *rest)
+
+        monkeypatch.setattr(_ring, "lib", BusyLib())
+        await left.send_all(b"request")  # queued; the tick's flush meets EBUSY
+        with trio.fail_after(5):
+            assert await right.receive_some(100) == b"request"
+        assert refusals == [0]
+        await left.aclose()
+        await right.aclose()
