@@ -617,19 +617,21 @@ class IOManager:
         pending = self.ticker.pending
         self.ticker.pending = held = []
         self.woke_tasks = False
-        flushed = False
+        flushed = []
         for stream in pending:
             if stream.hold_tick == hold:
                 held.append(stream)
                 continue
             stream.flush_pending = False
             stream.flush()
-            flushed = True
+            flushed.append(stream)
         if flushed and self.ring is not None and self.ring.sq_pending:
             try:
                 self.submit_prepared()
             except OSError as exc:
-                for stream in pending:
+                # Only this tick's requests met the error: a held stream's
+                # request in flight went to the kernel in an earlier tick.
+                for stream in flushed:
                     if stream.in_flight is not None:
                         stream.fail(exc)
         if timeout > 0 and self.woke_tasks and self._token is not None:
@@ -683,7 +685,14 @@ class IOManager:
         """Run ``check_sockets`` every ``SOCKET_CHECK_INTERVAL`` seconds while
         requests are in flight, ``SOCKET_CHECK_BATCH`` of them between two
         checkpoints; park while none are.  ``_wake_completer`` wakes it, at
-        most once per interval."""
+        most once per interval.
+
+        It also hands the kernel SQEs that are still staged: an
+        ``io_uring_enter`` that failed for a moment (``EBUSY`` with a full
+        CQ, ``EAGAIN`` with the kernel short of memory) leaves them staged,
+        and otherwise only the next flush or request would submit them, which
+        may never come.  An error that is not transient raises here, ending
+        the run: a ring that refuses submissions cannot finish anything."""
 
         def abort(_: object) -> trio.lowlevel.Abort:
             self._watcher_parked = False
@@ -698,6 +707,8 @@ class IOManager:
                 self._watcher_parked = True
                 await trio.lowlevel.wait_task_rescheduled(abort)
             await trio.sleep(SOCKET_CHECK_INTERVAL)
+            if not ring.closed and ring.sq_pending:
+                self.submit_prepared()
             entries = list(ring.table.values())
             for start in range(0, len(entries), SOCKET_CHECK_BATCH):
                 if start:
