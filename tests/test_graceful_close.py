@@ -176,3 +176,40 @@ async def test_sqes_a_busy_kernel_refused_are_submitted_again(
         assert refusals == [0]
         await left.aclose()
         await right.aclose()
+
+
+@pytest.mark.parametrize("strategy", ZERO_COPY_STRATEGIES)
+async def test_a_failed_enter_at_the_tick_breaks_only_the_streams_it_carried(
+    strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stream A's request went to the kernel in an earlier tick and waits
+    for its full socket; in this tick A queues more and B its first bytes.
+    Entering the kernel fails: only B's request was in that submission."""
+    async with trio_uring.open_manager(strategy=strategy) as manager:
+        a, a_peer = await zc_pair()
+        b, b_peer = await zc_pair()
+        await clog(a)
+        await a.send_all(b"a" * 100_000)  # more than a full socket takes
+        await trio.testing.wait_all_tasks_blocked()
+        earlier = a.in_flight
+        assert earlier is not None
+        tick = manager.ticker.tick
+        for stream, data in ((a, b"more"), (b, b"hello")):
+            stream.queue.write(data)
+            stream._queued(tick)
+        ring = manager.ring
+        real = ring.submit_and_reap
+
+        def failing() -> None:
+            monkeypatch.setattr(ring, "submit_and_reap", real)
+            raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+
+        monkeypatch.setattr(ring, "submit_and_reap", failing)
+        await trio.lowlevel.cancel_shielded_checkpoint()  # the tick's flush
+        assert ring.submit_and_reap == real  # the failing enter ran
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await b.send_all(b"x")
+        assert info.value.__cause__.errno == errno.ENOMEM
+        assert a._send_broken is None and a.in_flight is earlier
+        for stream in (a, b, a_peer, b_peer):
+            await trio.aclose_forcefully(stream)

@@ -617,23 +617,25 @@ class IOManager:
         pending = self.ticker.pending
         self.ticker.pending = held = []
         self.woke_tasks = False
-        flushed = []
+        started = []
         for stream in pending:
             if stream.hold_tick == hold:
                 held.append(stream)
                 continue
             stream.flush_pending = False
+            in_flight = stream.in_flight
             stream.flush()
-            flushed.append(stream)
-        if flushed and self.ring is not None and self.ring.sq_pending:
+            if stream.in_flight is not in_flight:
+                started.append(stream)
+        if started and self.ring is not None and self.ring.sq_pending:
             try:
                 self.submit_prepared()
             except OSError as exc:
-                # Only this tick's requests met the error: a held stream's
-                # request in flight went to the kernel in an earlier tick.
-                for stream in flushed:
-                    if stream.in_flight is not None:
-                        stream.fail(exc)
+                # Only the requests started in this tick met the error: a
+                # stream whose request went to the kernel earlier (its flush
+                # found it in flight) is not failed for it.
+                for stream in started:
+                    stream.fail(exc)
         if timeout > 0 and self.woke_tasks and self._token is not None:
             # trio chose to sleep before this hook made tasks runnable:
             # wake its I/O wait so that they run now.
