@@ -177,3 +177,23 @@ async def test_random_sizes_up_to_4_mib_through_a_tiny_arena(strategy: str) -> N
         with trio.fail_after(5):
             while manager.arena.free_count != manager.arena.n_slices:
                 await trio.sleep(0.005)
+
+
+@pytest.mark.skipif(not trio_uring.features().io_uring, reason="needs io_uring")
+async def test_aclose_wakes_a_blocked_receive_on_an_sqpoll_ring() -> None:
+    """The kernel's submission thread, asleep after its idle time, may read
+    aclose's cancel only after the socket is closed: the cancel must not
+    depend on the fd number then."""
+    async with trio_uring.open_manager(sqpoll=True):
+        for _ in range(3):
+            stream, peer = await tcp_pair()
+
+            async def receive(stream: trio_uring.ZeroCopyStream) -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.receive_some(10)
+
+            with trio.fail_after(5):
+                async with peer, trio.open_nursery() as nursery:
+                    nursery.start_soon(receive, stream)
+                    await trio.sleep(0.2)  # past the thread's idle time: it sleeps
+                    await stream.aclose()

@@ -520,11 +520,22 @@ class IOManager:
             prep_cancel(self.ring, ms.user_data)
             self.ring.submit()
 
-    def cancel_fd(self, fd: int) -> None:
-        """Cancel every request on ``fd`` (used by ``aclose``); no wait."""
-        if self.ring is not None and not self.ring.closed and not self.closed:
-            prep_cancel_fd(self.ring, fd)
-            self.ring.submit()
+    def cancel_fd(self, fd: int, owner: SocketOwner) -> None:
+        """Cancel every request on ``fd``, whose owner ``owner`` closes it
+        next (``aclose``); no wait.
+
+        With SQPOLL the kernel's thread may read the cancel only once the fd
+        is closed, when its number names nothing (or another socket) and the
+        requests would wait on: there they are cancelled one by one, by
+        ``user_data``."""
+        ring = self.ring
+        if ring is None or ring.closed or self.closed:
+            return
+        if ring.sqpoll:
+            self.cancel_requests_of({owner})
+            return
+        prep_cancel_fd(ring, fd)
+        ring.submit()
 
     # -- provided-buffer groups ---------------------------------------------
 

@@ -1167,7 +1167,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         self._error_unreported = False
         self.queue.clear()
         if not self._socket_gone():
-            self.manager.cancel_fd(self.fd)
+            self.manager.cancel_fd(self.fd, self)
         elif not self._requests_cancelled:
             # Other code closed the socket: its fd number may be another
             # socket's by now, so the requests are cancelled one by one.
