@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket as stdlib_socket
@@ -242,3 +243,54 @@ async def test_arena_with_more_slices_than_a_ring_can_hold() -> None:
                 while len(got) < 5000:
                     got += await server.receive_some()
                 assert got == b"q" * 5000
+
+
+async def test_accept_without_a_ring_skips_one_connections_errors() -> None:
+    """As trio.SocketListener does: an aborted connection (ECONNABORTED)
+    costs that connection, not the listener's next accept."""
+    async with trio_uring.open_manager(strategy="socket"):
+        (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+        real = listener.socket
+        refused: list[bool] = []
+
+        class AbortsOnce:
+            def __getattr__(self, name: str) -> object:
+                return getattr(real, name)
+
+            async def accept(self) -> tuple[trio.socket.SocketType, object]:
+                if not refused:
+                    refused.append(True)
+                    await trio.lowlevel.checkpoint()
+                    raise ConnectionAbortedError(errno.ECONNABORTED, "aborted")
+                return await real.accept()
+
+        listener.socket = AbortsOnce()  # type: ignore[assignment]
+        client = trio.socket.socket()
+        await client.connect(real.getsockname())
+        with trio.fail_after(5):
+            stream = await listener.accept()
+        assert refused
+        listener.socket = real
+        await stream.aclose()
+        client.close()
+        await listener.aclose()
+
+
+async def test_a_connection_that_cannot_be_wrapped_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trio_uring import _highlevel
+
+    async with trio_uring.open_manager():
+        (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+        wrapped: list[trio.socket.SocketType] = []
+
+        def refuse(sock: trio.socket.SocketType) -> None:
+            wrapped.append(sock)
+            raise trio_uring.ManagerClosedError("refused for the test")
+
+        monkeypatch.setattr(_highlevel, "ZeroCopyStream", refuse)
+        with pytest.raises(trio_uring.ManagerClosedError):
+            await trio_uring.open_tcp_stream(*listener.socket.getsockname()[:2])
+        assert wrapped[0].fileno() == -1  # closed, not leaked
+        await listener.aclose()

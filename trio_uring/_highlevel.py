@@ -97,8 +97,15 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
             if self._closed:
                 raise trio.ClosedResourceError("this listener was closed")
             if manager.ring is None:
-                sock, _ = await self.socket.accept()
-                return ZeroCopyStream(sock)
+                try:
+                    sock, _ = await self.socket.accept()
+                except OSError as exc:
+                    # One connection's trouble, as for trio.SocketListener:
+                    # take the next one.
+                    if exc.errno in _IGNORED_ACCEPT_ERRNOS:
+                        continue
+                    raise
+                return _wrap(sock)
             if self._multishot is None or (
                 self._multishot.finished and not self._multishot.results
             ):
@@ -118,12 +125,7 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
                 if -res in _IGNORED_ACCEPT_ERRNOS:
                     continue
                 raise OSError(-res, errno.errorcode.get(-res, str(-res)))
-            sock = trio.socket.from_stdlib_socket(_stdlib_socket.socket(fileno=res))
-            try:
-                return ZeroCopyStream(sock)
-            except BaseException:
-                sock.close()
-                raise
+            return _wrap(trio.socket.from_stdlib_socket(_stdlib_socket.socket(fileno=res)))
 
     async def aclose(self) -> None:
         """Stop accepting and close the socket; a blocked ``accept`` raises
@@ -152,13 +154,23 @@ async def open_tcp_stream(host: str | bytes, port: int, **kwargs: Any) -> ZeroCo
         with contextlib.suppress(OSError):
             # 0: the kernel uses net.ipv4.tcp_notsent_lowat (unlimited by default).
             stream.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NOTSENT_LOWAT, 0)
-    return ZeroCopyStream(stream.socket)
+    return _wrap(stream.socket)
 
 
 async def open_unix_stream(path: str | bytes) -> ZeroCopyStream:
     """Connect to a Unix socket like ``trio.open_unix_socket`` and wrap."""
     stream = await trio.open_unix_socket(path)
-    return ZeroCopyStream(stream.socket)
+    return _wrap(stream.socket)
+
+
+def _wrap(sock: trio.socket.SocketType) -> ZeroCopyStream:
+    """``ZeroCopyStream(sock)``, closing the connected socket if that fails
+    (the manager shut down, no buffer group left), so it never leaks."""
+    try:
+        return ZeroCopyStream(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def open_tcp_listeners(
@@ -177,7 +189,12 @@ async def open_tcp_listeners(
     """
     if not reuse_port:
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
-        return [ZeroCopyListener(listener.socket) for listener in listeners]
+        try:
+            return [ZeroCopyListener(listener.socket) for listener in listeners]
+        except BaseException:
+            for listener in listeners:
+                listener.socket.close()
+            raise
     addresses = await trio.socket.getaddrinfo(
         host, port, type=_stdlib_socket.SOCK_STREAM, flags=_stdlib_socket.AI_PASSIVE
     )
