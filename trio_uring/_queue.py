@@ -76,8 +76,8 @@ class OutboundQueue(QueueCore):
     #
     # - ``write(data, pos=0)``: copy ``data[pos:]`` into the queue as far as it
     #   fits without waiting for a slice; return the position reached.
-    # - ``_append(start, nbytes)``: queue ``nbytes`` just written at the
-    #   tail's fill point, extending the last segment when it ends there.
+    # - ``_append(nbytes)``: queue ``nbytes`` just written at the tail's
+    #   fill point, extending the last segment when it ends there.
     # - ``hold(data)``: queue a ``bytes`` object by reference.
     # - ``_new_tail()``: drop the full tail and make a free slice the tail;
     #   False if none may be taken (the queue holds ``limit`` slices, or the
@@ -129,7 +129,7 @@ class OutboundQueue(QueueCore):
         Queued first, then the reservation's count dropped: if the queue
         refuses the bytes (it was cleared meanwhile), the reservation
         stands, for ``unreserve()`` to give up."""
-        self._append(self.tail_offset + self.fill, nbytes)
+        self._append(nbytes)
         self.refs[self.reserved] -= 1
         self.reserved = -1
 

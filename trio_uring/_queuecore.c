@@ -400,13 +400,13 @@ QueueCore_release(QueueCore *self, PyObject *segments)
     Py_RETURN_NONE;
 }
 
-/* Record nbytes just written at start, the tail's fill point: they extend
- * the last queued segment when it ends there in the same slice, else they
+/* Record nbytes just written at the tail's fill point: they extend the
+ * last queued segment when it ends there in the same slice, else they
  * become a segment of their own, which counts the tail once more.  Bytes
- * that are not at the fill point of a tail, or do not fit in it, are
- * refused before anything changes. */
+ * that do not fit in the tail, or a queue without one, are refused before
+ * anything changes. */
 static int
-append_segment(QueueCore *self, Py_ssize_t start, Py_ssize_t nbytes)
+append_segment(QueueCore *self, Py_ssize_t nbytes)
 {
     if (self->unsent == NULL || self->refs == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the queue has no segment list");
@@ -416,13 +416,12 @@ append_segment(QueueCore *self, Py_ssize_t start, Py_ssize_t nbytes)
         PyErr_SetString(PyExc_RuntimeError, "the queue has no tail slice to append to");
         return -1;
     }
-    if (start != self->tail_offset + self->fill || nbytes < 0
-        || nbytes > self->slice_size - self->fill) {
-        PyErr_Format(PyExc_ValueError,
-                     "%zd bytes at %zd do not lie in the tail slice after its %zd bytes",
-                     nbytes, start, self->fill);
+    if (nbytes < 0 || nbytes > self->slice_size - self->fill) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes do not lie in the tail slice after its %zd bytes",
+                     nbytes, self->fill);
         return -1;
     }
+    Py_ssize_t start = self->tail_offset + self->fill;
     Py_ssize_t queued = PyObject_Length(self->unsent);
     if (queued < 0)
         return -1;
@@ -465,17 +464,12 @@ done:
 }
 
 static PyObject *
-QueueCore_append(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
+QueueCore_append(QueueCore *self, PyObject *arg)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "_append(start, nbytes) takes two arguments");
+    Py_ssize_t nbytes = PyLong_AsSsize_t(arg);
+    if (nbytes == -1 && PyErr_Occurred())
         return NULL;
-    }
-    Py_ssize_t start = PyLong_AsSsize_t(args[0]);
-    Py_ssize_t nbytes = PyLong_AsSsize_t(args[1]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (append_segment(self, start, nbytes) < 0)
+    if (append_segment(self, nbytes) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -524,7 +518,7 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
             goto error;
         }
         memcpy(base + start, (char *)data.buf + pos, (size_t)n);
-        if (append_segment(self, start, n) < 0)
+        if (append_segment(self, n) < 0)
             goto error;
         pos += n;
         self->copied += n;
@@ -570,8 +564,8 @@ static PyMethodDef QueueCore_methods[] = {
     {"write", (PyCFunction)(void (*)(void))QueueCore_write, METH_FASTCALL,
      "write(data, pos=0) -> int\n\nCopy data[pos:] into the queue as far as it fits without "
      "waiting for a slice; return the position reached."},
-    {"_append", (PyCFunction)(void (*)(void))QueueCore_append, METH_FASTCALL,
-     "_append(start, nbytes)\n\nQueue nbytes just written at start, the tail's fill point."},
+    {"_append", (PyCFunction)QueueCore_append, METH_O,
+     "_append(nbytes)\n\nQueue nbytes just written at the tail's fill point."},
     {"hold", (PyCFunction)QueueCore_hold, METH_O,
      "hold(data)\n\nQueue a bytes object by reference: no copy, no slice."},
     {"_new_tail", (PyCFunction)QueueCore_new_tail, METH_NOARGS,
