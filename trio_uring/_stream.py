@@ -10,7 +10,7 @@ import operator
 import os
 import socket as _stdlib_socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import trio
@@ -309,8 +309,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             "another task is currently receiving data on this ZeroCopyStream"
         )
         #: The send side is busy with a call that queues nothing of its own
-        #: (``wait_send_all_might_not_block``, ``send_eof``): ``aclose`` may
-        #: still send what is queued.
+        #: (see ``_sending_no_message``).
         self._busy_without_a_message = False
 
     @classmethod
@@ -953,22 +952,18 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         strategy) until the socket is writable.  Raises
         ``BrokenResourceError`` once the kernel failed queued bytes.
         """
-        with self._send_conflict:
-            self._busy_without_a_message = True
-            try:
-                self.check_open()
-                await _checkpoint_if_cancelled()
-                self._raise_if_broken()
-                if self.manager.ring is None:
-                    await trio.lowlevel.wait_writable(self.fd)
-                    return
-                if not self.queue.writable and not await self._wait_for_room():
-                    # send_all would send without the arena: wait for the socket.
-                    await trio.lowlevel.wait_writable(self.fd)
-                    return
-                await _cancel_shielded_checkpoint()
-            finally:
-                self._busy_without_a_message = False
+        with self._sending_no_message():
+            self.check_open()
+            await _checkpoint_if_cancelled()
+            self._raise_if_broken()
+            if self.manager.ring is None:
+                await trio.lowlevel.wait_writable(self.fd)
+                return
+            if not self.queue.writable and not await self._wait_for_room():
+                # send_all would send without the arena: wait for the socket.
+                await trio.lowlevel.wait_writable(self.fd)
+                return
+            await _cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
         """Send everything queued, then shut down the sending side
@@ -976,21 +971,29 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
 
         Cancelled while the queue drains, it leaves the stream as it was:
         the queued bytes stay queued, in order, and sending may go on."""
+        with self._sending_no_message():
+            await _checkpoint_if_cancelled()
+            self.check_open()
+            if self._eof_sent:
+                await _cancel_shielded_checkpoint()
+                return
+            await self._drain()
+            self._eof_sent = True
+            try:
+                self.socket.shutdown(_stdlib_socket.SHUT_WR)
+            except OSError as exc:
+                raise _stream_error(self, exc, "sending EOF") from exc
+            await _cancel_shielded_checkpoint()
+
+    @contextlib.contextmanager
+    def _sending_no_message(self) -> Iterator[None]:
+        """The send side, held (``BusyResourceError`` for a concurrent send)
+        by a call that queues nothing of its own: ``aclose`` meanwhile still
+        sends what is queued (``_busy_without_a_message``)."""
         with self._send_conflict:
             self._busy_without_a_message = True
             try:
-                await _checkpoint_if_cancelled()
-                self.check_open()
-                if self._eof_sent:
-                    await _cancel_shielded_checkpoint()
-                    return
-                await self._drain()
-                self._eof_sent = True
-                try:
-                    self.socket.shutdown(_stdlib_socket.SHUT_WR)
-                except OSError as exc:
-                    raise _stream_error(self, exc, "sending EOF") from exc
-                await _cancel_shielded_checkpoint()
+                yield
             finally:
                 self._busy_without_a_message = False
 
