@@ -6,6 +6,7 @@ import os
 import socket as stdlib_socket
 
 import trio
+import trio.testing
 
 import trio_uring
 from trio_uring._features import STRATEGIES, features
@@ -64,3 +65,38 @@ async def clog(stream: trio_uring.ZeroCopyStream) -> int:
         idle_rounds = 0 if written else idle_rounds + 1
         await trio.sleep(0.02)
     return filled
+
+
+async def zc_tcp_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:
+    left, right = await tcp_pair()
+    return left, trio_uring.ZeroCopyStream(right.socket)
+
+
+def fix_buffers(*streams: trio_uring.ZeroCopyStream) -> None:
+    """Fixed socket buffer sizes: no autotuning growing them behind our back."""
+    for stream in streams:
+        stream.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, 16384)
+        stream.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, 16384)
+
+
+async def sends_until_might_block(stream: trio_uring.ZeroCopyStream) -> int:
+    """``send_all`` through the stream until ``wait_send_all_might_not_block``
+    stalls: the outbound queue is full too, as a user's sender makes it.
+    Returns how many bytes (``b"c"``) that sent."""
+    sent = 0
+    while True:
+        returned = False
+
+        async def wait() -> None:
+            nonlocal returned
+            await stream.wait_send_all_might_not_block()
+            returned = True
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        if not returned:
+            return sent
+        await stream.send_all(b"c" * 16384)
+        sent += 16384

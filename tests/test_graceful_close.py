@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import socket as stdlib_socket
 
 import pytest
 import trio
 import trio.testing
-from _streams import clog, runnable_strategies, tcp_pair
+from _reliability_helpers import drain
+from _streams import (
+    clog,
+    fix_buffers,
+    runnable_strategies,
+    sends_until_might_block,
+    tcp_pair,
+    zc_tcp_pair,
+)
 
 import trio_uring
 from trio_uring import _ring
@@ -31,17 +38,9 @@ pytestmark = pytest.mark.skipif(not RING_STRATEGIES, reason="needs io_uring")
 async def zc_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:
     """Two ZeroCopyStreams over loopback with small socket buffers, so that
     a peer that does not read stops the sender soon."""
-    left, right = await tcp_pair()
-    right = trio_uring.ZeroCopyStream(right.socket)
-    for stream in (left, right):
-        stream.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, 16384)
-        stream.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, 16384)
+    left, right = await zc_tcp_pair()
+    fix_buffers(left, right)
     return left, right
-
-
-async def read_all(stream: trio.abc.ReceiveStream, into: bytearray) -> None:
-    while chunk := await stream.receive_some(65536):
-        into += chunk
 
 
 @pytest.mark.parametrize("strategy", RING_STRATEGIES)
@@ -56,7 +55,7 @@ async def test_a_cancelled_send_eof_leaves_the_stream_as_it_was(strategy: str) -
         await left.send_all(b"C" * 10)  # still usable: queued after A
         received = bytearray()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_all, right, received)
+            nursery.start_soon(drain, right, received)
             with trio.fail_after(5):
                 await left.aclose()
         await right.aclose()
@@ -73,14 +72,7 @@ async def test_aclose_sends_the_queue_while_another_task_waits_on_the_send_side(
     async with trio_uring.open_manager(strategy=strategy):
         left, right = await zc_pair()
         clogged = await clog(left)
-        queued = 0
-        while True:  # fill the queue until wait_send_all_might_not_block waits
-            with trio.move_on_after(0.1) as scope:
-                await left.wait_send_all_might_not_block()
-            if scope.cancelled_caught:
-                break
-            await left.send_all(b"q" * 16384)
-            queued += 16384
+        queued = await sends_until_might_block(left)
         received = bytearray()
         async with trio.open_nursery() as nursery:
 
@@ -91,11 +83,11 @@ async def test_aclose_sends_the_queue_while_another_task_waits_on_the_send_side(
 
             nursery.start_soon(waiter)
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(read_all, right, received)
+            nursery.start_soon(drain, right, received)
             with trio.fail_after(10):
                 await left.aclose()
         await right.aclose()
-        assert received == b"x" * clogged + b"q" * queued
+        assert received == b"x" * clogged + b"c" * queued
 
 
 @pytest.mark.parametrize("forceful", [True, False], ids=["forceful", "graceful"])
@@ -114,7 +106,7 @@ async def test_a_draining_aclose_returns_when_another_task_closes_the_stream(
                 if forceful:
                     await trio.aclose_forcefully(left)
                 else:
-                    nursery.start_soon(read_all, right, bytearray())
+                    nursery.start_soon(drain, right)
                     await left.aclose()
 
             nursery.start_soon(other_close)

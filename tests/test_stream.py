@@ -10,16 +10,17 @@ import struct
 import pytest
 import trio
 import trio.testing
-from _streams import clog, tcp_pair, unix_pair
+from _streams import (
+    clog,
+    fix_buffers,
+    sends_until_might_block,
+    unix_pair,
+    zc_tcp_pair,
+)
 
 import trio_uring
 from trio_uring._manager import FLUSH_THRESHOLD
 from trio_uring._send import DIRECT_SEND_MIN
-
-
-async def zc_tcp_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:
-    left, right = await tcp_pair()
-    return left, trio_uring.ZeroCopyStream(right.socket)
 
 
 async def zc_unix_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:
@@ -40,33 +41,6 @@ async def drain_into(stream: trio.abc.ReceiveStream, received: bytearray) -> Non
     """Receive until EOF, appending to ``received``."""
     async for chunk in stream:
         received.extend(chunk)
-
-
-def fix_buffers(*streams: trio_uring.ZeroCopyStream) -> None:
-    """Fixed socket buffer sizes: no autotuning growing them behind our back."""
-    for stream in streams:
-        stream.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, 16384)
-        stream.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, 16384)
-
-
-async def sends_until_might_block(stream: trio_uring.ZeroCopyStream) -> None:
-    """``send_all`` through the stream until ``wait_send_all_might_not_block``
-    stalls: the outbound queue is full too, as a user's sender makes it."""
-    while True:
-        returned = False
-
-        async def wait() -> None:
-            nonlocal returned
-            await stream.wait_send_all_might_not_block()
-            returned = True
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(wait)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
-        if not returned:
-            return
-        await stream.send_all(b"c" * 16384)
 
 
 def clogged(maker):
