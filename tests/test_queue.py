@@ -192,6 +192,25 @@ def test_held_bytes_queue_by_reference_in_order_with_copies() -> None:
     assert queue.nbytes == 0 and queue.held == 0 and set(queue.refs) == {0}
 
 
+def test_views_name_the_front_segments_for_one_sendmsg() -> None:
+    queue = make_queue(slice_size=64)
+    held = b"h" * 100
+    queue.write(memoryview(b"a" * 10))
+    queue.hold(held)
+    queue.write(memoryview(b"b" * 10))
+    views = queue.views(_abi.UIO_MAXIOV)
+    assert [bytes(v) for v in views] == [b"a" * 10, held, b"b" * 10]
+    assert views[1] is held  # all of a held object: no view made
+    assert [bytes(v) for v in queue.views(2)] == [b"a" * 10, held]
+    assert queue.views(0) == []
+    queue.consume(30)
+    assert [bytes(v) for v in queue.views(1)] == [held[20:]]
+    assert queue.nbytes == 90  # naming bytes takes none of them
+    queue.unsent.append([0, 1])
+    with pytest.raises(TypeError, match="segment is a list"):
+        queue.views(10)
+
+
 def test_copies_are_counted_per_queue_and_per_arena_and_held_bytes_are_not() -> None:
     arena = RegisteredArena(8 * 64, 64)
     first, second = OutboundQueue(arena, 4), OutboundQueue(arena, 4)

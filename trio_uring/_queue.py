@@ -162,15 +162,6 @@ class OutboundQueue(QueueCore):
         self.unsent.append([offset, length, allocation])
         self.nbytes += length
 
-    def segment_view(self, segment: Segment) -> bytes | memoryview:
-        """The bytes ``segment`` names."""
-        offset, length, owner = segment
-        if owner.__class__ is not bytes:
-            return self.view[offset : offset + length]
-        if length == len(owner):
-            return owner  # type: ignore[no-any-return]
-        return memoryview(owner)[offset : offset + length]
-
     def segment_address(self, segment: Segment) -> int:
         """The address of the bytes ``segment`` names, for the kernel."""
         owner = segment[2]

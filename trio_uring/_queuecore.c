@@ -560,6 +560,69 @@ QueueCore_hold(QueueCore *self, PyObject *data)
     Py_RETURN_NONE;
 }
 
+/* The bytes a segment names: the held bytes object itself when the segment
+ * is all of it, else a memoryview slice of its owner (the arena, or held
+ * bytes). */
+static PyObject *
+QueueCore_segment_view(QueueCore *self, PyObject *segment)
+{
+    Py_ssize_t offset, length;
+    if (segment_field(segment, 0, &offset) < 0 || segment_field(segment, 1, &length) < 0)
+        return NULL;
+    PyObject *owner = PyList_GET_ITEM(segment, 2);
+    if (!PyBytes_CheckExact(owner))
+        return PySequence_GetSlice(self->arena.obj, offset, offset + length);
+    if (offset == 0 && length == PyBytes_GET_SIZE(owner))
+        return Py_NewRef(owner);
+    PyObject *whole = PyMemoryView_FromObject(owner);
+    if (whole == NULL)
+        return NULL;
+    PyObject *part = PySequence_GetSlice(whole, offset, offset + length);
+    Py_DECREF(whole);
+    return part;
+}
+
+/* The bytes of the first max_segments queued segments, for one plain
+ * sendmsg(): a Python call per segment was a tenth of a held message's
+ * send_all. */
+static PyObject *
+QueueCore_views(QueueCore *self, PyObject *arg)
+{
+    Py_ssize_t max_segments = PyLong_AsSsize_t(arg);
+    if (max_segments == -1 && PyErr_Occurred())
+        return NULL;
+    if (self->unsent == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the queue has no segment list");
+        return NULL;
+    }
+    PyObject *views = PyList_New(0);
+    if (views == NULL)
+        return NULL;
+    PyObject *it = PyObject_GetIter(self->unsent);
+    if (it == NULL) {
+        Py_DECREF(views);
+        return NULL;
+    }
+    PyObject *segment;
+    while (PyList_GET_SIZE(views) < max_segments && (segment = PyIter_Next(it)) != NULL) {
+        PyObject *view = QueueCore_segment_view(self, segment);
+        Py_DECREF(segment);
+        if (view == NULL || PyList_Append(views, view) < 0) {
+            Py_XDECREF(view);
+            Py_DECREF(it);
+            Py_DECREF(views);
+            return NULL;
+        }
+        Py_DECREF(view);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) {
+        Py_DECREF(views);
+        return NULL;
+    }
+    return views;
+}
+
 static PyMethodDef QueueCore_methods[] = {
     {"write", (PyCFunction)(void (*)(void))QueueCore_write, METH_FASTCALL,
      "write(data, pos=0) -> int\n\nCopy data[pos:] into the queue as far as it fits without "
@@ -568,6 +631,11 @@ static PyMethodDef QueueCore_methods[] = {
      "_append(nbytes)\n\nQueue nbytes just written at the tail's fill point."},
     {"hold", (PyCFunction)QueueCore_hold, METH_O,
      "hold(data)\n\nQueue a bytes object by reference: no copy, no slice."},
+    {"segment_view", (PyCFunction)QueueCore_segment_view, METH_O,
+     "segment_view(segment) -> bytes | memoryview\n\nThe bytes a queued segment names."},
+    {"views", (PyCFunction)QueueCore_views, METH_O,
+     "views(max_segments) -> list\n\nThe bytes of the first max_segments queued segments, "
+     "for a plain sendmsg()."},
     {"_new_tail", (PyCFunction)QueueCore_new_tail, METH_NOARGS,
      "_new_tail() -> bool\n\nDrop the full tail and make a free slice the tail; False if "
      "no slice may be taken now."},

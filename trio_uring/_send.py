@@ -277,17 +277,21 @@ class FixedProvidedBundle:
 def send_now(stream: ZeroCopyStream) -> None:
     """Plain nonblocking ``send()``/``sendmsg()`` of the queue, until it is
     empty or the socket is full."""
-    queue, sock, segment_view = stream.queue, stream.stdlib_socket, stream.queue.segment_view
+    queue, sock = stream.queue, stream.stdlib_socket
     unsent = queue.unsent
     while unsent:
         try:
             if len(unsent) == 1:
                 offered = unsent[0][1]
-                sent = sock.send(segment_view(unsent[0]), _MSG_NOSIGNAL)
+                sent = sock.send(queue.segment_view(unsent[0]), _MSG_NOSIGNAL)
             else:
-                front = list(itertools.islice(unsent, _abi.UIO_MAXIOV))
-                offered = sum(s[1] for s in front)
-                sent = sock.sendmsg([segment_view(s) for s in front], (), _MSG_NOSIGNAL)
+                views = queue.views(_abi.UIO_MAXIOV)
+                offered = (
+                    queue.nbytes
+                    if len(views) == len(unsent)
+                    else sum(s[1] for s in itertools.islice(unsent, len(views)))
+                )
+                sent = sock.sendmsg(views, (), _MSG_NOSIGNAL)
         except BlockingIOError:
             return
         queue.consume(sent)

@@ -572,46 +572,49 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                             return
                         view = memoryview(view)[sent:]
                         nbytes -= sent
+            queue = self.queue
             if nbytes >= self.direct_min:
-                if (
+                if not (
                     cls is bytes
                     and self.strategy.holds_bytes
                     and nbytes < FLUSH_THRESHOLD
                     and tick <= self.last_tick + 1
                 ):
-                    # A producer in full flow under a copying strategy: its
-                    # bytes are held by reference, to go out several per
-                    # send(), up to the stream's share.
-                    if self.queue.nbytes >= self.queue.byte_limit:
-                        await self._wait_for_share()
-                    self.queue.hold(view)  # type: ignore[arg-type]
-                    self._queued(self.ticker.tick)
-                else:
                     await self._send_direct(memoryview(view))
                     # When it finished, not when it began: a message right
                     # after it continues a flow however long it waited.
                     self.last_tick = self.ticker.tick
                     self.hold_tick = -2
+                    await _cancel_shielded_checkpoint()
+                    return
+                # A producer in full flow under a copying strategy: its
+                # bytes are held by reference, to go out several per
+                # send(), up to the stream's share.
+                if queue.nbytes >= queue.byte_limit:
+                    await self._wait_for_share()
+                    tick = self.ticker.tick
+                queue.hold(view)  # type: ignore[arg-type]
             elif nbytes:
-                queue = self.queue
                 queued = queue.write(view)
                 if queued < nbytes:
                     await self._write_waiting(memoryview(view), queued, prefix_sent=sent > 0)
-                    self._queued(self.ticker.tick)
-                else:
-                    # ``_queued(tick)`` written out for the message of a
-                    # flow, which needs no more than its tick bookkeeping:
-                    # the call alone was 2 % of a 4 KiB send_all.
-                    last = self.last_tick
-                    if last != tick:
-                        self.last_tick = tick
-                        self.hold_tick = tick if last == tick - 1 else -2
-                    if (
-                        queue.nbytes >= self.flush_threshold
-                        or queue.held > self.flush_slices
-                        or not self.flush_pending
-                    ):
-                        self._flush_or_schedule()
+                    tick = self.ticker.tick
+            else:
+                await _cancel_shielded_checkpoint()
+                return
+            # ``_queued(tick)`` written out for the message of a flow,
+            # which needs no more than its tick bookkeeping: the call
+            # alone was 2 % of a 4 KiB send_all.
+            last = self.last_tick
+            if last != tick:
+                self.last_tick = tick
+                self.hold_tick = tick if last == tick - 1 else -2
+            if (
+                queue.nbytes >= self.flush_threshold
+                or queue.held > self.flush_slices
+                or not self.flush_pending
+            ):
+                self._flush_or_schedule()
             await _cancel_shielded_checkpoint()
         finally:
             conflict.busy = False
