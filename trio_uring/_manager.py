@@ -469,7 +469,13 @@ class IOManager:
             op.raise_cancel = raise_cancel
             if not ring.closed:
                 prep_cancel(ring, user_data)
-                ring.submit()
+                # trio calls this from inside its scheduler, where an
+                # exception would crash the run.  Should entering the kernel
+                # fail, the cancel stays staged: the socket check
+                # (``_watch_sockets``) submits it again, and raises there an
+                # error that persists.
+                with contextlib.suppress(OSError):
+                    ring.submit()
             return trio.lowlevel.Abort.FAILED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
