@@ -528,12 +528,16 @@ class IOManager:
 
     def cancel_fd(self, fd: int, owner: SocketOwner) -> None:
         """Cancel every request on ``fd``, whose owner ``owner`` closes it
-        next (``aclose``); no wait.
+        next (``aclose``); no wait, and no error: the owner closes the
+        socket whatever happens here.
 
         With SQPOLL the kernel's thread may read the cancel only once the fd
         is closed, when its number names nothing (or another socket) and the
         requests would wait on: there they are cancelled one by one, by
-        ``user_data``."""
+        ``user_data``.  So they are too when the cancel is still staged after
+        entering the kernel (the enter failed, or the kernel refused new
+        work for a moment), to be read after the close as well; the next
+        submission reports an error that persists."""
         ring = self.ring
         if ring is None or ring.closed or self.closed:
             return
@@ -541,7 +545,10 @@ class IOManager:
             self.cancel_requests_of({owner})
             return
         prep_cancel_fd(ring, fd)
-        ring.submit()
+        with contextlib.suppress(OSError):
+            ring.submit()
+        if ring.sq_pending:
+            self.cancel_requests_of({owner})
 
     # -- provided-buffer groups ---------------------------------------------
 
