@@ -516,7 +516,12 @@ class IOManager:
         return ms.results.popleft() if ms.results else None
 
     def close_multishot(self, ms: Multishot) -> None:
-        """Stop ``ms``; results queued or still to come go to ``ms.discard``."""
+        """Stop ``ms``; results queued or still to come go to ``ms.discard``.
+
+        No error: the caller closes the socket next whatever happens here.
+        Should entering the kernel fail, the cancel (by ``user_data``, so
+        still right once the socket is closed) stays staged for the next
+        submission, which reports an error that persists."""
         ms.closed = True
         while ms.results:
             res = ms.results.popleft()
@@ -524,7 +529,8 @@ class IOManager:
                 ms.discard(res)
         if not ms.finished and self.ring is not None and not self.ring.closed:
             prep_cancel(self.ring, ms.user_data)
-            self.ring.submit()
+            with contextlib.suppress(OSError):
+                self.ring.submit()
 
     def cancel_fd(self, fd: int, owner: SocketOwner) -> None:
         """Cancel every request on ``fd``, whose owner ``owner`` closes it
