@@ -204,3 +204,45 @@ async def test_a_failed_enter_at_the_tick_breaks_only_the_streams_it_carried(
         assert a._send_broken is None and a.in_flight is earlier
         for stream in (a, b, a_peer, b_peer):
             await trio.aclose_forcefully(stream)
+
+
+@pytest.mark.parametrize("refusal", [errno.ENOMEM, errno.EBUSY], ids=["failed", "busy"])
+@pytest.mark.parametrize("strategy", RING_STRATEGIES)
+async def test_aclose_whose_cancel_the_kernel_did_not_take_still_closes(
+    strategy: str, refusal: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aclose cancels the stream's requests by fd, then closes the socket.
+    Entering the kernel with that cancel fails (ENOMEM) or is refused for a
+    moment (EBUSY): the kernel would read it after the close, when the fd
+    number names nothing.  The socket is closed all the same, no OSError
+    escapes, and a receive waiting on it ends."""
+    async with trio_uring.open_manager(strategy=strategy):
+        left, right = await tcp_pair()
+        real = _ring.lib
+        refusals = [1]
+
+        class RefusingLib:
+            def __getattr__(self, name: str) -> object:
+                return getattr(real, name)
+
+            def tu_submit_staged(self, ring: object, staged: object, count: int, *rest):
+                if refusals[0] and count:
+                    refusals[0] -= 1
+                    rest[-1][0] = 0  # nothing copied into the SQ
+                    return -refusal
+                return real.tu_submit_staged(ring, staged, count, *rest)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+
+                async def receive() -> None:
+                    with pytest.raises(trio.ClosedResourceError):
+                        await left.receive_some(10)
+
+                nursery.start_soon(receive)
+                await trio.testing.wait_all_tasks_blocked()
+                monkeypatch.setattr(_ring, "lib", RefusingLib())
+                await left.aclose()
+                assert refusals == [0]
+                assert left.socket.fileno() == -1
+        await right.aclose()

@@ -93,6 +93,41 @@ async def test_listener_accept_is_cancellable_and_closable(manager) -> None:
         await listener.accept()
 
 
+async def test_listener_whose_cancel_fails_to_enter_the_kernel_still_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aclose cancels the accept request, then closes the socket.  Should
+    entering the kernel with that cancel fail, no OSError escapes and the
+    socket is closed all the same; the socket check submits the cancel
+    again, which ends the accept."""
+    from trio_uring import _manager
+
+    monkeypatch.setattr(_manager, "SOCKET_CHECK_INTERVAL", 0.05)
+    async with trio_uring.open_manager() as manager:
+        if manager.ring is None:
+            pytest.skip("accept without a ring is trio's")
+        (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+        ring = manager.ring
+        real = ring.submit
+
+        def failing() -> None:
+            monkeypatch.setattr(ring, "submit", real)
+            raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+
+        async def accept_expecting_closed() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await listener.accept()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(accept_expecting_closed)
+                await trio.testing.wait_all_tasks_blocked()
+                monkeypatch.setattr(ring, "submit", failing)
+                await listener.aclose()
+                assert ring.submit == real  # the close met the failure
+                assert listener.socket.fileno() == -1
+
+
 async def test_open_unix_stream(manager, tmp_path) -> None:
     path = str(tmp_path / "sock")
     listener_sock = trio.socket.socket(stdlib_socket.AF_UNIX)

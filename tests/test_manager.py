@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import socket
 import threading
@@ -114,6 +115,35 @@ async def test_cancel_racing_completion_returns_the_result() -> None:
         else:
             assert a.recv(4) == b"race"
         assert manager.ring is not None and manager.ring.table == {}
+
+
+async def test_a_cancel_that_fails_to_enter_the_kernel_is_submitted_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """trio calls the abort callback of a cancelled wait from the scheduler
+    (here, at a deadline), where an exception would crash the run.  Should
+    entering the kernel with the ASYNC_CANCEL fail, the cancel stays staged
+    and the socket check submits it again; the wait then ends as cancelled."""
+    monkeypatch.setattr(_manager, "SOCKET_CHECK_INTERVAL", 0.05)
+    manager = current_manager()
+    ring = manager.ring
+    assert ring is not None
+    real = ring.submit
+
+    def failing() -> None:
+        monkeypatch.setattr(ring, "submit", real)
+        raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+
+    monkeypatch.setattr(ring, "submit", failing)
+    a, b = socket.socketpair()
+    with a, b:
+        _buf, *args = recv_args(a)
+        with trio.fail_after(5):
+            with trio.move_on_after(0.05) as scope:
+                await manager.submit(prep_recv, *args)
+        assert scope.cancelled_caught
+        assert ring.submit == real  # the abort met the failure
+        assert ring.table == {}
 
 
 @pytest.mark.parametrize("flags", SETUP_FLAG_CANDIDATES)

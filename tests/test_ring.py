@@ -373,3 +373,26 @@ def test_sqpoll_ring_takes_a_batch_larger_than_its_sq() -> None:
         assert ring.table == {}
     finally:
         ring.close()
+
+
+@pytest.mark.parametrize("reap", ["reap", "submit_and_reap"])
+def test_an_entry_that_raises_costs_the_rest_of_its_batch_nothing(ring: Ring, reap: str) -> None:
+    """The CQ head is past a reaped batch before its CQEs are dispatched: an
+    entry whose ``complete`` raises must not drop the CQEs after its own
+    (their tasks would wait forever).  The error comes once all are
+    dispatched, and the entry, which got its last CQE, leaves the table."""
+
+    class Raising(Collect):
+        def complete(self, res: int, flags: int) -> bool:
+            super().complete(res, flags)
+            raise RuntimeError("complete() failed")
+
+    entries = [Collect(), Raising(), Collect(), Collect()]
+    for e in entries:
+        prep_nop(ring, e)
+    if reap == "reap":
+        ring.submit()
+    with pytest.raises(RuntimeError, match="complete"):
+        getattr(ring, reap)()
+    assert [e.cqes for e in entries] == [[(0, 0)]] * 4
+    assert ring.table == {}

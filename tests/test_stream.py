@@ -758,3 +758,36 @@ async def test_no_request_names_the_fd_after_aclose(manager) -> None:
     finally:
         del manager.submit
     assert after_close == []
+
+
+@pytest.mark.parametrize("receive", ["receive_some", "__anext__"])
+@pytest.mark.parametrize("how", ["aclose", "socket closed", "reset"])
+async def test_a_receive_that_fails_at_once_is_a_checkpoint(
+    manager, how: str, receive: str
+) -> None:
+    """As trio's SocketStream, whose recv() raises only after a full
+    checkpoint: on a closed stream, a socket other code closed, or a reset
+    connection, receive_some and ``async for`` raise at a checkpoint, and
+    a cancelled call raises Cancelled."""
+    left, right = await zc_tcp_pair()
+    if how == "aclose":
+        await left.aclose()
+        error = trio.ClosedResourceError
+    elif how == "socket closed":
+        left.socket.close()
+        error = trio.ClosedResourceError
+    else:
+        right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await right.aclose()
+        await trio.sleep(0.05)  # the reset arrives
+        error = trio.BrokenResourceError
+    call = getattr(left, receive)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await call()
+    with trio.testing.assert_checkpoints():
+        with pytest.raises(error):
+            await call()
+    await left.aclose()
+    await right.aclose()

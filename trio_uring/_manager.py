@@ -469,7 +469,13 @@ class IOManager:
             op.raise_cancel = raise_cancel
             if not ring.closed:
                 prep_cancel(ring, user_data)
-                ring.submit()
+                # trio calls this from inside its scheduler, where an
+                # exception would crash the run.  Should entering the kernel
+                # fail, the cancel stays staged: the socket check
+                # (``_watch_sockets``) submits it again, and raises there an
+                # error that persists.
+                with contextlib.suppress(OSError):
+                    ring.submit()
             return trio.lowlevel.Abort.FAILED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
@@ -510,7 +516,12 @@ class IOManager:
         return ms.results.popleft() if ms.results else None
 
     def close_multishot(self, ms: Multishot) -> None:
-        """Stop ``ms``; results queued or still to come go to ``ms.discard``."""
+        """Stop ``ms``; results queued or still to come go to ``ms.discard``.
+
+        No error: the caller closes the socket next whatever happens here.
+        Should entering the kernel fail, the cancel (by ``user_data``, so
+        still right once the socket is closed) stays staged for the next
+        submission, which reports an error that persists."""
         ms.closed = True
         while ms.results:
             res = ms.results.popleft()
@@ -518,16 +529,21 @@ class IOManager:
                 ms.discard(res)
         if not ms.finished and self.ring is not None and not self.ring.closed:
             prep_cancel(self.ring, ms.user_data)
-            self.ring.submit()
+            with contextlib.suppress(OSError):
+                self.ring.submit()
 
     def cancel_fd(self, fd: int, owner: SocketOwner) -> None:
         """Cancel every request on ``fd``, whose owner ``owner`` closes it
-        next (``aclose``); no wait.
+        next (``aclose``); no wait, and no error: the owner closes the
+        socket whatever happens here.
 
         With SQPOLL the kernel's thread may read the cancel only once the fd
         is closed, when its number names nothing (or another socket) and the
         requests would wait on: there they are cancelled one by one, by
-        ``user_data``."""
+        ``user_data``.  So they are too when the cancel is still staged after
+        entering the kernel (the enter failed, or the kernel refused new
+        work for a moment), to be read after the close as well; the next
+        submission reports an error that persists."""
         ring = self.ring
         if ring is None or ring.closed or self.closed:
             return
@@ -535,7 +551,10 @@ class IOManager:
             self.cancel_requests_of({owner})
             return
         prep_cancel_fd(ring, fd)
-        ring.submit()
+        with contextlib.suppress(OSError):
+            ring.submit()
+        if ring.sq_pending:
+            self.cancel_requests_of({owner})
 
     # -- provided-buffer groups ---------------------------------------------
 

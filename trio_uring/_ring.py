@@ -419,13 +419,29 @@ class Ring:
         self.submit()
         self.reap(run_task_work=False)
 
-    def _dispatch(self, n: int) -> None:
+    def _dispatch(self, n: int, start: int = 0) -> None:
+        """Hand the reaped CQEs ``start`` to ``n`` to their table entries.
+
+        The CQ head is already past them all, so should an entry's
+        ``complete`` raise, the CQEs after its own are dispatched before the
+        error propagates (a later entry's error propagates with the first
+        as its context): they exist nowhere else, and their tasks would
+        wait forever.  An entry that raised at its last CQE (no
+        ``IORING_CQE_F_MORE``) leaves the table, as the kernel is done with
+        it."""
         ud, res, flags, table = self._ud, self._res, self._flags, self.table
-        for i in range(n):
-            user_data = ud[i]
-            entry = table.get(user_data)
-            if entry is not None and entry.complete(res[i], flags[i]):
-                del table[user_data]
+        i = start
+        try:
+            for i in range(start, n):
+                user_data = ud[i]
+                entry = table.get(user_data)
+                if entry is not None and entry.complete(res[i], flags[i]):
+                    del table[user_data]
+        except BaseException:
+            if not flags[i] & _abi.IORING_CQE_F_MORE:
+                table.pop(ud[i], None)
+            self._dispatch(n, i + 1)
+            raise
 
     # -- registration -----------------------------------------------------
 

@@ -1028,9 +1028,13 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
                 size = min(max_bytes, MAX_RECEIVE_SIZE)
-            if self._closed:
-                self.check_open()
+            # A full checkpoint even when the call fails at once (a closed
+            # stream, a reset connection), as trio's SocketStream, whose
+            # socket recv() yields before it raises.
             await _checkpoint_if_cancelled()
+            if self._closed:
+                await _cancel_shielded_checkpoint()
+                self.check_open()
             try:
                 # Data already waiting is taken with one plain recv(): no
                 # request, no completion, no scheduler round trip.  A socket
@@ -1040,6 +1044,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     data = self.stdlib_socket.recv(size)
                 except BlockingIOError:
                     return await self._receive_waiting(size)
+                except OSError:
+                    await _cancel_shielded_checkpoint()
+                    raise
                 await _cancel_shielded_checkpoint()
                 return data
             except OSError as exc:
@@ -1060,14 +1067,18 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             conflict.acquire()  # raises BusyResourceError
         conflict.busy = True
         try:
-            if self._closed:
-                self.check_open()
             await _checkpoint_if_cancelled()
+            if self._closed:
+                await _cancel_shielded_checkpoint()
+                self.check_open()
             try:
                 try:
                     data = self.stdlib_socket.recv(DEFAULT_RECEIVE_SIZE)
                 except BlockingIOError:
                     data = await self._receive_waiting(DEFAULT_RECEIVE_SIZE)
+                except OSError:
+                    await _cancel_shielded_checkpoint()
+                    raise
                 else:
                     await _cancel_shielded_checkpoint()
             except OSError as exc:
