@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import inspect
 import struct
+import sys
+from collections import deque
 
 import pytest
 from hypothesis import given, settings
@@ -23,6 +25,7 @@ from trio_uring import _abi
 from trio_uring._buffers import ProvidedRing, RegisteredArena, decode_fixed_provided
 from trio_uring._manager import SendCounters
 from trio_uring._queue import OutboundQueue
+from trio_uring._queuecore import QueueCore
 from trio_uring._ring import Ring
 from trio_uring._send import FixedProvidedBundle, FixedSingle, SendRequest, VectoredFixed
 
@@ -436,6 +439,18 @@ def test_a_commit_larger_than_the_room_left_in_the_tail_is_refused() -> None:
     queue.commit(8)
     queue.write(b"abc")
     assert queue.nbytes == 11 and [s[:2] for s in queue.unsent] == [[0, 11]]
+
+
+def test_slices_whose_total_size_overflows_are_refused() -> None:
+    """n_slices * slice_size past sys.maxsize must not wrap around to a size
+    that fits the arena: slice 1 would then start 2**63 - 8 bytes into a
+    16-byte arena, and write() would copy there."""
+    with pytest.raises(ValueError, match="smaller than its slices"):
+        QueueCore(bytearray(16), sys.maxsize - 7, [0, 0], deque(), [1], 2)
+    with pytest.raises(ValueError, match="smaller than its slices"):
+        QueueCore(bytearray(16), 2**62, [0] * 4, deque(), [3, 2, 1, 0], 4)
+    exact = QueueCore(bytearray(16), 8, [0, 0], deque(), [1, 0], 2)
+    assert exact.write(bytes(range(16))) == 16
 
 
 class FailingRing(FakeRing):

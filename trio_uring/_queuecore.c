@@ -67,7 +67,10 @@ QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
         PyBuffer_Release(&self->arena);
     if (PyObject_GetBuffer(arena, &self->arena, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
-    if (PyList_GET_SIZE(refs) * slice_size > self->arena.len) {
+    /* Divided rather than multiplied: a product past PY_SSIZE_T_MAX would
+     * wrap around and pass, and every slice offset computed from it after. */
+    Py_ssize_t n_slices = PyList_GET_SIZE(refs);
+    if (n_slices && slice_size > self->arena.len / n_slices) {
         PyBuffer_Release(&self->arena);
         PyErr_SetString(PyExc_ValueError, "the arena is smaller than its slices");
         return -1;
