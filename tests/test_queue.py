@@ -453,6 +453,20 @@ def test_slices_whose_total_size_overflows_are_refused() -> None:
     assert exact.write(bytes(range(16))) == 16
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("tail_offset", sys.maxsize - 8), ("fill", -sys.maxsize)]
+)
+def test_a_tail_set_outside_the_arena_is_refused_not_written(field: str, value: int) -> None:
+    """tail_offset and fill are writable: a value whose sum with the copy's
+    length wraps around past sys.maxsize must not pass the bounds check."""
+    queue = make_queue()
+    queue.write(b"a")
+    setattr(queue, field, value)
+    with pytest.raises(IndexError, match="tail outside the arena"):
+        queue.write(b"x" * 20)
+    assert queue.nbytes == 1
+
+
 class FailingRing(FakeRing):
     def start(self, entry: object, opcode: int, fd: int, *fields: int, **named: int) -> int:
         raise OSError(errno.ENOMEM, "no room to stage the SQE")

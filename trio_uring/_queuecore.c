@@ -512,11 +512,19 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
             if (!ok)
                 break;
         }
-        Py_ssize_t n = self->slice_size - self->fill;
+        /* tail_offset and fill can be set from Python: the range they name
+         * is checked without a sum that could wrap around past
+         * PY_SSIZE_T_MAX and pass. */
+        Py_ssize_t offset = self->tail_offset, fill = self->fill;
+        if (offset < 0 || fill < 0 || offset > self->arena.len - fill) {
+            PyErr_SetString(PyExc_IndexError, "tail outside the arena");
+            goto error;
+        }
+        Py_ssize_t start = offset + fill;
+        Py_ssize_t n = self->slice_size - fill;
         if (n > total - pos)
             n = total - pos;
-        Py_ssize_t start = self->tail_offset + self->fill;
-        if (start < 0 || start + n > self->arena.len) {
+        if (n > self->arena.len - start) {
             PyErr_SetString(PyExc_IndexError, "tail outside the arena");
             goto error;
         }
