@@ -42,6 +42,23 @@ def read_bytes(queue: OutboundQueue, segments: list[list[object]]) -> bytes:
     return b"".join(bytes(queue.segment_view(s)) for s in segments)
 
 
+def assert_counts_agree(queue: OutboundQueue, in_flight: list[list[object]] = []) -> None:  # noqa: B006
+    """Every count, ``held``, ``nbytes`` and the free list agree with the
+    tail, the queued segments and the segments ``in_flight`` requests read."""
+    arena = queue.arena
+    counts = [0] * arena.n_slices
+    if queue.tail >= 0:
+        counts[queue.tail] += 1
+    for segment in [*queue.unsent, *in_flight]:
+        if isinstance(segment[2], int):  # a slice, not held bytes
+            counts[segment[2]] += 1
+    assert arena.refs == counts
+    assert queue.nbytes == sum(s[1] for s in queue.unsent)
+    held = [i for i, count in enumerate(counts) if count]
+    assert queue.held == len(held)
+    assert sorted(arena.free_slices + held) == list(range(arena.n_slices))
+
+
 def test_small_writes_pack_into_one_segment() -> None:
     queue = make_queue()
     for i in range(10):
@@ -465,6 +482,61 @@ def test_a_tail_set_outside_the_arena_is_refused_not_written(field: str, value: 
     with pytest.raises(IndexError, match="tail outside the arena"):
         queue.write(b"x" * 20)
     assert queue.nbytes == 1
+
+
+def test_a_write_that_runs_out_of_memory_part_way_says_how_far_it_got() -> None:
+    """Each slice's worth is queued whole or not at all, and ``write_pos``
+    tells the caller how much of a write that raised was queued: fail each
+    allocation the write makes, one at a time."""
+    testcapi = pytest.importorskip("_testcapi")
+    data = bytes(range(256)) * 20
+    outcomes = set()
+    for failing in range(60):
+        queue = make_queue(n_slices=8, slice_size=1024, limit=8)
+        # Requests in flight count the tail past CPython's cached small ints:
+        # counting one more segment then allocates too.
+        in_flight: list[list[object]] = []
+        for _ in range(300):
+            queue.write(b"a")
+            in_flight += queue.take(1)
+        copied = queue.copied
+        testcapi.set_nomemory(failing, failing + 1)
+        try:
+            pos = queue.write(data)
+            raised = False
+        except MemoryError:
+            raised = True
+        finally:
+            testcapi.remove_mem_hooks()
+        if raised:
+            pos = queue.write_pos
+        assert pos == queue.write_pos == queue.copied - copied == queue.nbytes
+        assert queued_bytes(queue) == data[:pos]
+        assert_counts_agree(queue, in_flight)
+        outcomes.add((raised, 0 < pos < len(data)))
+    assert (True, True) in outcomes and (False, False) in outcomes
+
+
+def test_an_on_free_that_raises_in_write_leaves_nothing_of_it_queued() -> None:
+    """write() calls on_free only for a full tail nothing reads any more,
+    before it copies anything; what it leaves behind must be consistent."""
+    queue = make_queue(n_slices=4, slice_size=64, limit=4)
+    queue.write(bytes(64))  # the tail is full
+    queue.hold(b"held")
+    queue.consume(64)  # bytes still queued: the full tail stays, counted once
+    tail = queue.tail
+
+    def refuse() -> None:
+        raise KeyboardInterrupt
+
+    queue.on_free = refuse
+    with pytest.raises(KeyboardInterrupt):
+        queue.write(b"abc")
+    assert queue.write_pos == 0 and queue.nbytes == len(b"held")
+    assert queue.tail == -1 and queue.arena.free_slices[-1] == tail
+    assert_counts_agree(queue)
+    queue.on_free = None
+    assert queue.write(b"abc") == 3
 
 
 class FailingRing(FakeRing):

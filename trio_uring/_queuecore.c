@@ -37,6 +37,7 @@ typedef struct {
     PyObject *unsent;     /* collections.deque of [offset, length, owner] */
     PyObject *refs;       /* list: references to each slice (the arena's) */
     long long copied;     /* bytes write() copied into the arena */
+    Py_ssize_t write_pos; /* where the last write() stopped, raising or not */
     Py_buffer total;      /* optional: one int64 that every queue adds its copies to */
     Py_ssize_t held;      /* slices this queue holds: tail, queued, or read in flight */
     Py_ssize_t limit;     /* the most slices it may hold (its share of the arena) */
@@ -91,6 +92,7 @@ QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
     }
     self->slice_size = slice_size;
     self->copied = 0;
+    self->write_pos = 0;
     self->tail = -1;
     self->tail_offset = 0;
     self->fill = 0;
@@ -175,24 +177,6 @@ ref_count(QueueCore *self, Py_ssize_t slice)
     return count < 0 ? -1 : count;
 }
 
-/* refs[slice] += delta; the new count, or -1 with an exception set. */
-static Py_ssize_t
-change_ref(QueueCore *self, Py_ssize_t slice, Py_ssize_t delta)
-{
-    Py_ssize_t count = ref_count(self, slice);
-    if (count < 0)
-        return -1;
-    count += delta;
-    if (count < 0) {
-        PyErr_Format(PyExc_RuntimeError, "slice %zd released more often than it was counted",
-                     slice);
-        return -1;
-    }
-    if (set_int_item(self->refs, slice, count) < 0)
-        return -1;
-    return count;
-}
-
 /* This queue may have gained room: tell on_free, if anyone listens. */
 static int
 notify_free(QueueCore *self)
@@ -203,24 +187,36 @@ notify_free(QueueCore *self)
 }
 
 /* Drop one count of slice; at zero the slice goes back to the arena's
- * free list. */
+ * free list.  1: it went back, and the caller tells on_free once its own
+ * fields are updated (a callback that raises must find them consistent);
+ * 0: it is still counted; -1: an error, and nothing changed. */
 static int
 unref_slice(QueueCore *self, Py_ssize_t slice)
 {
-    Py_ssize_t count = change_ref(self, slice, -1);
+    Py_ssize_t count = ref_count(self, slice);
     if (count < 0)
         return -1;
-    if (count)
-        return 0;
-    self->held -= 1;
+    if (count == 0) {
+        PyErr_Format(PyExc_RuntimeError, "slice %zd released more often than it was counted",
+                     slice);
+        return -1;
+    }
+    if (count > 1)
+        return set_int_item(self->refs, slice, count - 1);
+    /* The last count.  What can fail (the objects, the free list growing)
+     * comes first: a slice whose count is zero but that is not on the free
+     * list would never be handed out again. */
     PyObject *id = PyLong_FromSsize_t(slice);
-    if (id == NULL)
+    PyObject *zero = PyLong_FromSsize_t(0);
+    int rc = id == NULL || zero == NULL ? -1 : PyList_Append(self->free, id);
+    Py_XDECREF(id);
+    if (rc < 0) {
+        Py_XDECREF(zero);
         return -1;
-    int rc = PyList_Append(self->free, id);
-    Py_DECREF(id);
-    if (rc < 0)
-        return -1;
-    return notify_free(self);
+    }
+    PyList_SetItem(self->refs, slice, zero); /* steals zero; ref_count checked slice */
+    self->held -= 1;
+    return 1;
 }
 
 /* A segment's owner is done with: a slice id (a count), registered content
@@ -232,7 +228,8 @@ unref_owner(QueueCore *self, PyObject *owner)
         Py_ssize_t slice = PyLong_AsSsize_t(owner);
         if (slice == -1 && PyErr_Occurred())
             return -1;
-        return unref_slice(self, slice);
+        int rc = unref_slice(self, slice);
+        return rc > 0 ? notify_free(self) : rc;
     }
     if (PyBytes_CheckExact(owner))
         return 0;
@@ -252,9 +249,11 @@ drop_idle_tail(QueueCore *self)
         return -1;
     if (count != 1)
         return 0;
+    if (unref_slice(self, tail) < 0)
+        return -1;
     self->tail = -1;
     self->fill = 0;
-    return unref_slice(self, tail);
+    return notify_free(self);
 }
 
 /* Drop the full tail and make the free slice taken last the tail, if this
@@ -264,9 +263,11 @@ static int
 new_tail(QueueCore *self)
 {
     if (self->tail >= 0) {
-        Py_ssize_t old = self->tail;
+        int rc = unref_slice(self, self->tail);
+        if (rc < 0)
+            return -1;
         self->tail = -1;
-        if (unref_slice(self, old) < 0)
+        if (rc && notify_free(self) < 0)
             return -1;
     }
     if (self->held >= self->limit)
@@ -451,14 +452,26 @@ append_segment(QueueCore *self, Py_ssize_t nbytes)
         }
         Py_DECREF(last);
     }
+    /* A segment of its own counts the tail once more.  The new count is
+     * made before the segment is queued and stored after it, so that a
+     * MemoryError leaves neither: a segment that its slice does not count
+     * would let the slice be handed out again while the segment names it. */
+    Py_ssize_t count = ref_count(self, self->tail);
+    if (count < 0)
+        return -1;
+    PyObject *counted = PyLong_FromSsize_t(count + 1);
+    if (counted == NULL)
+        return -1;
     PyObject *segment = Py_BuildValue("[nnn]", start, nbytes, self->tail);
-    if (segment == NULL)
+    int appended = segment == NULL
+                       ? -1
+                       : discard(PyObject_CallMethodOneArg(self->unsent, str_append, segment));
+    Py_XDECREF(segment);
+    if (appended < 0) {
+        Py_DECREF(counted);
         return -1;
-    int appended = discard(PyObject_CallMethodOneArg(self->unsent, str_append, segment));
-    Py_DECREF(segment);
-    if (appended < 0)
-        return -1;
-    if (change_ref(self, self->tail, 1) < 0)
+    }
+    if (PyList_SetItem(self->refs, self->tail, counted) < 0) /* steals counted */
         return -1;
 done:
     self->fill += nbytes;
@@ -490,6 +503,10 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
         if (pos == -1 && PyErr_Occurred())
             return NULL;
     }
+    /* Each slice's worth is queued whole (copy, segment, counts) or not at
+     * all, and write_pos follows: when a later one fails (MemoryError), the
+     * caller learns from it how much of the call was queued. */
+    self->write_pos = pos;
     if (self->arena.obj == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the queue was not initialised");
         return NULL;
@@ -532,6 +549,7 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
         if (append_segment(self, n) < 0)
             goto error;
         pos += n;
+        self->write_pos = pos;
         self->copied += n;
         if (self->total.obj != NULL) {
             long long sum;
@@ -574,7 +592,8 @@ QueueCore_hold(QueueCore *self, PyObject *data)
 static PyMethodDef QueueCore_methods[] = {
     {"write", (PyCFunction)(void (*)(void))QueueCore_write, METH_FASTCALL,
      "write(data, pos=0) -> int\n\nCopy data[pos:] into the queue as far as it fits without "
-     "waiting for a slice; return the position reached."},
+     "waiting for a slice; return the position reached.  If it raises, write_pos is the "
+     "position reached: data[pos:write_pos] is queued."},
     {"_append", (PyCFunction)QueueCore_append, METH_O,
      "_append(nbytes)\n\nQueue nbytes just written at the tail's fill point."},
     {"hold", (PyCFunction)QueueCore_hold, METH_O,
@@ -604,6 +623,7 @@ static PyMemberDef QueueCore_members[] = {
     {"unsent", T_OBJECT_EX, offsetof(QueueCore, unsent), 0, NULL},
     {"refs", T_OBJECT_EX, offsetof(QueueCore, refs), READONLY, NULL},
     {"copied", T_LONGLONG, offsetof(QueueCore, copied), READONLY, NULL},
+    {"write_pos", T_PYSSIZET, offsetof(QueueCore, write_pos), READONLY, NULL},
     {"held", T_PYSSIZET, offsetof(QueueCore, held), 0, NULL},
     {"limit", T_PYSSIZET, offsetof(QueueCore, limit), READONLY, NULL},
     {"on_free", T_OBJECT, offsetof(QueueCore, on_free), 0, NULL},
