@@ -235,9 +235,12 @@ class OutboundQueue(QueueCore):
         Requests in flight keep their counts until they end."""
         unsent, self.unsent = self.unsent, deque()
         self.nbytes = 0
-        for seg in unsent:
-            self.unref(seg[2])
-        if self.tail >= 0:
-            old, self.tail = self.tail, -1
-            self.fill = 0
-            self.unref(old)
+        try:
+            # release() drops every count, also past a callback that raises
+            # (on_free, registered content's unref).
+            self.release(unsent)
+        finally:
+            if self.tail >= 0:
+                old, self.tail = self.tail, -1
+                self.fill = 0
+                self.unref(old)

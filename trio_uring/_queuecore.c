@@ -186,6 +186,55 @@ notify_free(QueueCore *self)
     return discard(PyObject_CallNoArgs(self->on_free));
 }
 
+/* The error being raised, taken out of the thread state, and raised again. */
+#if PY_VERSION_HEX >= 0x030C0000
+#define take_error PyErr_GetRaisedException
+#define raise_error PyErr_SetRaisedException
+#else
+static PyObject *
+take_error(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+static void
+raise_error(PyObject *error)
+{
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(error)), error, PyException_GetTraceback(error));
+}
+#endif
+
+/* Loops that drop many counts go on past an error, since a callback may
+ * raise (on_free, registered content's unref): stopping there would leave
+ * the counts after it never dropped, and the bytes a plain send took still
+ * queued.  The first error is kept in *first, to be raised once the loop is
+ * done (raise_kept); a later one is reported as unraisable. */
+static void
+keep_error(PyObject **first)
+{
+    if (*first == NULL)
+        *first = take_error();
+    else
+        PyErr_WriteUnraisable(NULL);
+}
+
+/* None, or NULL with the kept error raised. */
+static PyObject *
+raise_kept(PyObject *error)
+{
+    if (error == NULL)
+        Py_RETURN_NONE;
+    raise_error(error); /* steals error */
+    return NULL;
+}
+
 /* Drop one count of slice; at zero the slice goes back to the arena's
  * free list.  1: it went back, and the caller tells on_free once its own
  * fields are updated (a callback that raises must find them consistent);
@@ -343,14 +392,15 @@ QueueCore_consume(QueueCore *self, PyObject *arg)
         return NULL;
     }
     self->nbytes -= nbytes;
+    PyObject *error = NULL;
     while (nbytes) {
         PyObject *segment = PySequence_GetItem(self->unsent, 0);
         if (segment == NULL)
-            return NULL;
+            goto failed;
         Py_ssize_t offset, length;
         if (segment_field(segment, 0, &offset) < 0 || segment_field(segment, 1, &length) < 0) {
             Py_DECREF(segment);
-            return NULL;
+            goto failed;
         }
         if (length > nbytes) {
             int rc = set_int_item(segment, 0, offset + nbytes);
@@ -358,22 +408,24 @@ QueueCore_consume(QueueCore *self, PyObject *arg)
                 rc = set_int_item(segment, 1, length - nbytes);
             Py_DECREF(segment);
             if (rc < 0)
-                return NULL;
-            Py_RETURN_NONE;
+                goto failed;
+            break;
         }
         nbytes -= length;
         if (discard(PyObject_CallMethodNoArgs(self->unsent, str_popleft)) < 0) {
             Py_DECREF(segment);
-            return NULL;
+            goto failed;
         }
-        int rc = unref_owner(self, PyList_GET_ITEM(segment, 2));
+        if (unref_owner(self, PyList_GET_ITEM(segment, 2)) < 0)
+            keep_error(&error);
         Py_DECREF(segment);
-        if (rc < 0)
-            return NULL;
     }
     if (drop_idle_tail(self) < 0)
-        return NULL;
-    Py_RETURN_NONE;
+        keep_error(&error);
+    return raise_kept(error);
+failed:
+    keep_error(&error);
+    return raise_kept(error);
 }
 
 static PyObject *
@@ -382,6 +434,7 @@ QueueCore_release(QueueCore *self, PyObject *segments)
     PyObject *it = PyObject_GetIter(segments);
     if (it == NULL)
         return NULL;
+    PyObject *error = NULL;
     PyObject *segment;
     while ((segment = PyIter_Next(it)) != NULL) {
         int rc = -1;
@@ -391,17 +444,15 @@ QueueCore_release(QueueCore *self, PyObject *segments)
             PyErr_SetString(PyExc_TypeError,
                             "a queued segment is a list [offset, length, owner]");
         Py_DECREF(segment);
-        if (rc < 0) {
-            Py_DECREF(it);
-            return NULL;
-        }
+        if (rc < 0)
+            keep_error(&error);
     }
     Py_DECREF(it);
     if (PyErr_Occurred())
-        return NULL;
+        keep_error(&error);
     if (drop_idle_tail(self) < 0 || notify_free(self) < 0)
-        return NULL;
-    Py_RETURN_NONE;
+        keep_error(&error);
+    return raise_kept(error);
 }
 
 /* Record nbytes just written at the tail's fill point: they extend the
