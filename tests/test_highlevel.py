@@ -9,12 +9,16 @@ import socket as stdlib_socket
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 import trio_uring
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
 
 
 async def echo(stream: trio_uring.ZeroCopyStream) -> None:
@@ -253,6 +257,74 @@ async def test_reuse_port_listener_in_process(manager) -> None:
 
                     nursery.start_soon(take, first)
                     nursery.start_soon(take, second)
+
+
+def without_families(
+    monkeypatch: pytest.MonkeyPatch, *families: int
+) -> list[trio.socket.SocketType]:
+    """Make trio.socket.socket() fail as on a system without ``families``
+    (EAFNOSUPPORT); return the sockets it does make."""
+    real = trio.socket.socket
+    made: list[trio.socket.SocketType] = []
+
+    def socket(family: int = stdlib_socket.AF_INET, *args: Any, **kwargs: Any) -> Any:
+        if family in families:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        made.append(real(family, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(trio.socket, "socket", socket)
+    return made
+
+
+async def test_reuse_port_skips_a_family_the_system_has_no_sockets_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """host=None resolves to 0.0.0.0 and ::, also where IPv6 is off: as
+    trio.open_tcp_listeners does, the family without sockets is skipped."""
+    async with trio_uring.open_manager():
+        without_families(monkeypatch, stdlib_socket.AF_INET6)
+        listeners = await trio_uring.open_tcp_listeners(0, reuse_port=True)
+        assert [lst.socket.family for lst in listeners] == [stdlib_socket.AF_INET]
+        (listener,) = listeners
+        async with listener:
+            port = listener.socket.getsockname()[1]
+            async with await trio_uring.open_tcp_stream("127.0.0.1", port) as client:
+                async with await listener.accept() as server:
+                    await client.send_all(b"hi")
+                    assert await server.receive_some(2) == b"hi"
+
+
+async def test_reuse_port_without_sockets_for_any_family_fails_like_trio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with trio_uring.open_manager():
+        without_families(monkeypatch, stdlib_socket.AF_INET, stdlib_socket.AF_INET6)
+        with pytest.raises(OSError) as ours:
+            await trio_uring.open_tcp_listeners(0, reuse_port=True)
+        with pytest.raises(OSError) as theirs:
+            await trio.open_tcp_listeners(0)
+        assert ours.value.errno == theirs.value.errno == errno.EAFNOSUPPORT
+        assert isinstance(ours.value.__cause__, ExceptionGroup)
+
+
+async def test_reuse_port_closes_what_it_opened_when_a_later_family_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any other error still fails the call, as in trio, and the sockets
+    already open are closed, not leaked."""
+    async with trio_uring.open_manager():
+        made = without_families(monkeypatch)
+        taken = stdlib_socket.socket(stdlib_socket.AF_INET6)
+        taken.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1)
+        taken.bind(("::", 0))
+        taken.listen()
+        with taken, pytest.raises(OSError) as info:
+            # IPv4's port is free, IPv6's is taken (V6ONLY: they are separate).
+            port = taken.getsockname()[1]
+            await trio_uring.open_tcp_listeners(port, reuse_port=True)
+        assert info.value.errno == errno.EADDRINUSE
+        assert len(made) == 2 and all(sock.fileno() == -1 for sock in made)
 
 
 async def test_two_tasks_accepting_at_once_is_busy(manager) -> None:

@@ -13,6 +13,7 @@ import trio.testing
 from _streams import (
     clog,
     fix_buffers,
+    runnable_strategies,
     sends_until_might_block,
     unix_pair,
     zc_tcp_pair,
@@ -20,6 +21,7 @@ from _streams import (
 
 import trio_uring
 from trio_uring._manager import FLUSH_THRESHOLD
+from trio_uring._queue import OutboundQueue
 from trio_uring._send import DIRECT_SEND_MIN
 
 
@@ -225,6 +227,69 @@ async def test_epipe_after_send_eof_of_peer_and_close(manager) -> None:
             await trio.sleep(0.001)
     assert info.value.__cause__.errno in (errno.EPIPE, errno.ECONNRESET)
     await left.aclose()
+
+
+def fail_writes_part_way(
+    stream: trio_uring.ZeroCopyStream, *, after: int = 0, queued: int = 100
+) -> None:
+    """The stream's queue.write() queues nothing ``after`` times, as when no
+    slice is free; then it queues ``queued`` bytes and raises, as a
+    MemoryError part way through a copy would."""
+    calls = []
+
+    class FailsPartWay(OutboundQueue):
+        __slots__ = ()
+
+        def write(self, data: bytes | bytearray | memoryview, pos: int = 0) -> int:
+            calls.append(pos)
+            if len(calls) <= after:
+                return pos
+            super().write(memoryview(data)[: pos + queued], pos)
+            raise MemoryError
+
+    stream.queue.__class__ = FailsPartWay
+
+
+@pytest.mark.parametrize("after", [0, 1], ids=["at-once", "after-waiting-for-room"])
+async def test_send_all_that_raises_with_a_prefix_queued_breaks_the_stream(
+    strategy: str, manager, after: int
+) -> None:
+    if strategy in ("copy", "socket"):
+        pytest.skip("small messages go out with a plain send() under this strategy")
+    left, right = await zc_tcp_pair()
+    async with left, right:
+        fail_writes_part_way(left, after=after)
+        with pytest.raises(MemoryError):
+            await left.send_all(b"m" * 1000)
+        left.queue.__class__ = OutboundQueue
+        with pytest.raises(trio.BrokenResourceError):
+            await left.send_all(b"next")
+
+
+async def test_send_all_that_raises_after_a_plain_send_took_a_prefix_breaks_the_stream() -> None:
+    if "copy" not in runnable_strategies():
+        pytest.skip("no io_uring here")
+    async with trio_uring.open_manager(strategy="copy"):
+        left, right = await zc_tcp_pair()
+        async with left, right:
+            real = left.stdlib_socket
+
+            class SendsAPrefix:
+                def __getattr__(self, name: str) -> object:
+                    return getattr(real, name)
+
+                def send(self, data: memoryview, flags: int = 0) -> int:
+                    return real.send(data[:10], flags)
+
+            left.stdlib_socket = SendsAPrefix()  # type: ignore[assignment]
+            fail_writes_part_way(left, queued=0)
+            with pytest.raises(MemoryError):
+                await left.send_all(bytearray(1000))
+            left.stdlib_socket = real
+            left.queue.__class__ = OutboundQueue
+            with pytest.raises(trio.BrokenResourceError):
+                await left.send_all(b"next")
+            assert await right.receive_some(100) == bytes(10)
 
 
 async def test_cancelled_send_all_breaks_the_stream_and_returns_slices(manager) -> None:

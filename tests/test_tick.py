@@ -4,6 +4,7 @@ the manager totals, without the kernel."""
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any
 
 import pytest
@@ -171,6 +172,17 @@ def test_the_tick_is_an_int_object_and_anything_else_is_refused_clearly() -> Non
     with pytest.raises(RuntimeError, match="__init__ was not called"):
         ticker.before_io_wait(0.0)
     assert calls == []
+
+
+def test_the_last_tick_a_c_integer_holds_is_not_wrapped_around() -> None:
+    """tick + 1 past sys.maxsize is a signed overflow in C: it came out as
+    -sys.maxsize - 1, a count gone backwards.  It is refused, as a tick too
+    large for a C integer already was."""
+    ticker, calls = recording_ticker()
+    ticker.tick = sys.maxsize
+    with pytest.raises(OverflowError):
+        ticker.before_io_wait(0.0)
+    assert ticker.tick == sys.maxsize and calls == []
 
 
 def test_a_streams_counts_reach_the_totals_when_its_counters_die() -> None:

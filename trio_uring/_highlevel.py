@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket as _stdlib_socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
 
 from ._manager import IOManager, Multishot, current_manager
 from ._prep import prep_accept
@@ -185,7 +189,10 @@ async def open_tcp_listeners(
     ``reuse_port=True`` sets ``SO_REUSEPORT`` before binding, so several
     processes (one trio run and one ring each) can listen on the same port
     and the kernel spreads connections across them: the way to use every
-    core, since one trio run uses one.
+    core, since one trio run uses one.  As trio does, an address family the
+    system has no sockets for (``EAFNOSUPPORT``: IPv6 turned off, while
+    ``host=None`` still resolves to ``::`` too) is skipped, unless it is
+    every family the host resolves to.
     """
     if not reuse_port:
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
@@ -199,9 +206,19 @@ async def open_tcp_listeners(
         host, port, type=_stdlib_socket.SOCK_STREAM, flags=_stdlib_socket.AI_PASSIVE
     )
     sockets: list[trio.socket.SocketType] = []
+    unsupported: list[OSError] = []
     try:
         for family, type_, proto, _, sockaddr in addresses:
-            sock = trio.socket.socket(family, type_, proto)
+            try:
+                sock = trio.socket.socket(family, type_, proto)
+            except OSError as exc:
+                # A family this system has no sockets for, as
+                # trio.open_tcp_listeners skips it: getaddrinfo offers both
+                # families on a system that has only one.
+                if exc.errno != errno.EAFNOSUPPORT:
+                    raise
+                unsupported.append(exc)
+                continue
             sockets.append(sock)
             sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
             sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEPORT, 1)
@@ -209,6 +226,9 @@ async def open_tcp_listeners(
                 sock.setsockopt(_stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 1)
             await sock.bind(sockaddr)
             sock.listen(0xFFFF if backlog is None else backlog)
+        if unsupported and not sockets:
+            msg = f"this system has sockets for none of the address families {host!r} resolves to"
+            raise OSError(errno.EAFNOSUPPORT, msg) from ExceptionGroup(msg, unsupported)
         return [ZeroCopyListener(sock) for sock in sockets]
     except BaseException:
         for sock in sockets:

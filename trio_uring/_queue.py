@@ -75,7 +75,11 @@ class OutboundQueue(QueueCore):
     # ``QueueCore`` has what runs for every queued message or every slice:
     #
     # - ``write(data, pos=0)``: copy ``data[pos:]`` into the queue as far as it
-    #   fits without waiting for a slice; return the position reached.
+    #   fits without waiting for a slice; return the position reached.  Each
+    #   slice's worth is queued whole or not at all; when ``write`` raises
+    #   (MemoryError, or ``on_free`` for the full tail it drops first),
+    #   ``write_pos`` is the position it reached: ``data[pos:write_pos]``
+    #   is queued.
     # - ``_append(nbytes)``: queue ``nbytes`` just written at the tail's
     #   fill point, extending the last segment when it ends there.
     # - ``hold(data)``: queue a ``bytes`` object by reference.
@@ -222,9 +226,12 @@ class OutboundQueue(QueueCore):
         Requests in flight keep their counts until they end."""
         unsent, self.unsent = self.unsent, deque()
         self.nbytes = 0
-        for seg in unsent:
-            self.unref(seg[2])
-        if self.tail >= 0:
-            old, self.tail = self.tail, -1
-            self.fill = 0
-            self.unref(old)
+        try:
+            # release() drops every count, also past a callback that raises
+            # (on_free, registered content's unref).
+            self.release(unsent)
+        finally:
+            if self.tail >= 0:
+                old, self.tail = self.tail, -1
+                self.fill = 0
+                self.unref(old)

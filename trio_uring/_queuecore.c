@@ -37,6 +37,7 @@ typedef struct {
     PyObject *unsent;     /* collections.deque of [offset, length, owner] */
     PyObject *refs;       /* list: references to each slice (the arena's) */
     long long copied;     /* bytes write() copied into the arena */
+    Py_ssize_t write_pos; /* where the last write() stopped, raising or not */
     Py_buffer total;      /* optional: one int64 that every queue adds its copies to */
     Py_ssize_t held;      /* slices this queue holds: tail, queued, or read in flight */
     Py_ssize_t limit;     /* the most slices it may hold (its share of the arena) */
@@ -67,7 +68,10 @@ QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
         PyBuffer_Release(&self->arena);
     if (PyObject_GetBuffer(arena, &self->arena, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
-    if (PyList_GET_SIZE(refs) * slice_size > self->arena.len) {
+    /* Divided rather than multiplied: a product past PY_SSIZE_T_MAX would
+     * wrap around and pass, and every slice offset computed from it after. */
+    Py_ssize_t n_slices = PyList_GET_SIZE(refs);
+    if (n_slices && slice_size > self->arena.len / n_slices) {
         PyBuffer_Release(&self->arena);
         PyErr_SetString(PyExc_ValueError, "the arena is smaller than its slices");
         return -1;
@@ -88,6 +92,7 @@ QueueCore_init(QueueCore *self, PyObject *args, PyObject *kwds)
     }
     self->slice_size = slice_size;
     self->copied = 0;
+    self->write_pos = 0;
     self->tail = -1;
     self->tail_offset = 0;
     self->fill = 0;
@@ -172,24 +177,6 @@ ref_count(QueueCore *self, Py_ssize_t slice)
     return count < 0 ? -1 : count;
 }
 
-/* refs[slice] += delta; the new count, or -1 with an exception set. */
-static Py_ssize_t
-change_ref(QueueCore *self, Py_ssize_t slice, Py_ssize_t delta)
-{
-    Py_ssize_t count = ref_count(self, slice);
-    if (count < 0)
-        return -1;
-    count += delta;
-    if (count < 0) {
-        PyErr_Format(PyExc_RuntimeError, "slice %zd released more often than it was counted",
-                     slice);
-        return -1;
-    }
-    if (set_int_item(self->refs, slice, count) < 0)
-        return -1;
-    return count;
-}
-
 /* This queue may have gained room: tell on_free, if anyone listens. */
 static int
 notify_free(QueueCore *self)
@@ -199,25 +186,86 @@ notify_free(QueueCore *self)
     return discard(PyObject_CallNoArgs(self->on_free));
 }
 
+/* The error being raised, taken out of the thread state, and raised again. */
+#if PY_VERSION_HEX >= 0x030C0000
+#define take_error PyErr_GetRaisedException
+#define raise_error PyErr_SetRaisedException
+#else
+static PyObject *
+take_error(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+static void
+raise_error(PyObject *error)
+{
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(error)), error, PyException_GetTraceback(error));
+}
+#endif
+
+/* Loops that drop many counts go on past an error, since a callback may
+ * raise (on_free, registered content's unref): stopping there would leave
+ * the counts after it never dropped, and the bytes a plain send took still
+ * queued.  The first error is kept in *first, to be raised once the loop is
+ * done (raise_kept); a later one is reported as unraisable. */
+static void
+keep_error(PyObject **first)
+{
+    if (*first == NULL)
+        *first = take_error();
+    else
+        PyErr_WriteUnraisable(NULL);
+}
+
+/* None, or NULL with the kept error raised. */
+static PyObject *
+raise_kept(PyObject *error)
+{
+    if (error == NULL)
+        Py_RETURN_NONE;
+    raise_error(error); /* steals error */
+    return NULL;
+}
+
 /* Drop one count of slice; at zero the slice goes back to the arena's
- * free list. */
+ * free list.  1: it went back, and the caller tells on_free once its own
+ * fields are updated (a callback that raises must find them consistent);
+ * 0: it is still counted; -1: an error, and nothing changed. */
 static int
 unref_slice(QueueCore *self, Py_ssize_t slice)
 {
-    Py_ssize_t count = change_ref(self, slice, -1);
+    Py_ssize_t count = ref_count(self, slice);
     if (count < 0)
         return -1;
-    if (count)
-        return 0;
-    self->held -= 1;
+    if (count == 0) {
+        PyErr_Format(PyExc_RuntimeError, "slice %zd released more often than it was counted",
+                     slice);
+        return -1;
+    }
+    if (count > 1)
+        return set_int_item(self->refs, slice, count - 1);
+    /* The last count.  What can fail (the objects, the free list growing)
+     * comes first: a slice whose count is zero but that is not on the free
+     * list would never be handed out again. */
     PyObject *id = PyLong_FromSsize_t(slice);
-    if (id == NULL)
+    PyObject *zero = PyLong_FromSsize_t(0);
+    int rc = id == NULL || zero == NULL ? -1 : PyList_Append(self->free, id);
+    Py_XDECREF(id);
+    if (rc < 0) {
+        Py_XDECREF(zero);
         return -1;
-    int rc = PyList_Append(self->free, id);
-    Py_DECREF(id);
-    if (rc < 0)
-        return -1;
-    return notify_free(self);
+    }
+    PyList_SetItem(self->refs, slice, zero); /* steals zero; ref_count checked slice */
+    self->held -= 1;
+    return 1;
 }
 
 /* A segment's owner is done with: a slice id (a count), registered content
@@ -229,7 +277,8 @@ unref_owner(QueueCore *self, PyObject *owner)
         Py_ssize_t slice = PyLong_AsSsize_t(owner);
         if (slice == -1 && PyErr_Occurred())
             return -1;
-        return unref_slice(self, slice);
+        int rc = unref_slice(self, slice);
+        return rc > 0 ? notify_free(self) : rc;
     }
     if (PyBytes_CheckExact(owner))
         return 0;
@@ -249,9 +298,11 @@ drop_idle_tail(QueueCore *self)
         return -1;
     if (count != 1)
         return 0;
+    if (unref_slice(self, tail) < 0)
+        return -1;
     self->tail = -1;
     self->fill = 0;
-    return unref_slice(self, tail);
+    return notify_free(self);
 }
 
 /* Drop the full tail and make the free slice taken last the tail, if this
@@ -261,9 +312,11 @@ static int
 new_tail(QueueCore *self)
 {
     if (self->tail >= 0) {
-        Py_ssize_t old = self->tail;
+        int rc = unref_slice(self, self->tail);
+        if (rc < 0)
+            return -1;
         self->tail = -1;
-        if (unref_slice(self, old) < 0)
+        if (rc && notify_free(self) < 0)
             return -1;
     }
     if (self->held >= self->limit)
@@ -339,14 +392,15 @@ QueueCore_consume(QueueCore *self, PyObject *arg)
         return NULL;
     }
     self->nbytes -= nbytes;
+    PyObject *error = NULL;
     while (nbytes) {
         PyObject *segment = PySequence_GetItem(self->unsent, 0);
         if (segment == NULL)
-            return NULL;
+            goto failed;
         Py_ssize_t offset, length;
         if (segment_field(segment, 0, &offset) < 0 || segment_field(segment, 1, &length) < 0) {
             Py_DECREF(segment);
-            return NULL;
+            goto failed;
         }
         if (length > nbytes) {
             int rc = set_int_item(segment, 0, offset + nbytes);
@@ -354,22 +408,24 @@ QueueCore_consume(QueueCore *self, PyObject *arg)
                 rc = set_int_item(segment, 1, length - nbytes);
             Py_DECREF(segment);
             if (rc < 0)
-                return NULL;
-            Py_RETURN_NONE;
+                goto failed;
+            break;
         }
         nbytes -= length;
         if (discard(PyObject_CallMethodNoArgs(self->unsent, str_popleft)) < 0) {
             Py_DECREF(segment);
-            return NULL;
+            goto failed;
         }
-        int rc = unref_owner(self, PyList_GET_ITEM(segment, 2));
+        if (unref_owner(self, PyList_GET_ITEM(segment, 2)) < 0)
+            keep_error(&error);
         Py_DECREF(segment);
-        if (rc < 0)
-            return NULL;
     }
     if (drop_idle_tail(self) < 0)
-        return NULL;
-    Py_RETURN_NONE;
+        keep_error(&error);
+    return raise_kept(error);
+failed:
+    keep_error(&error);
+    return raise_kept(error);
 }
 
 static PyObject *
@@ -378,6 +434,7 @@ QueueCore_release(QueueCore *self, PyObject *segments)
     PyObject *it = PyObject_GetIter(segments);
     if (it == NULL)
         return NULL;
+    PyObject *error = NULL;
     PyObject *segment;
     while ((segment = PyIter_Next(it)) != NULL) {
         int rc = -1;
@@ -387,17 +444,15 @@ QueueCore_release(QueueCore *self, PyObject *segments)
             PyErr_SetString(PyExc_TypeError,
                             "a queued segment is a list [offset, length, owner]");
         Py_DECREF(segment);
-        if (rc < 0) {
-            Py_DECREF(it);
-            return NULL;
-        }
+        if (rc < 0)
+            keep_error(&error);
     }
     Py_DECREF(it);
     if (PyErr_Occurred())
-        return NULL;
+        keep_error(&error);
     if (drop_idle_tail(self) < 0 || notify_free(self) < 0)
-        return NULL;
-    Py_RETURN_NONE;
+        keep_error(&error);
+    return raise_kept(error);
 }
 
 /* Record nbytes just written at the tail's fill point: they extend the
@@ -448,14 +503,26 @@ append_segment(QueueCore *self, Py_ssize_t nbytes)
         }
         Py_DECREF(last);
     }
+    /* A segment of its own counts the tail once more.  The new count is
+     * made before the segment is queued and stored after it, so that a
+     * MemoryError leaves neither: a segment that its slice does not count
+     * would let the slice be handed out again while the segment names it. */
+    Py_ssize_t count = ref_count(self, self->tail);
+    if (count < 0)
+        return -1;
+    PyObject *counted = PyLong_FromSsize_t(count + 1);
+    if (counted == NULL)
+        return -1;
     PyObject *segment = Py_BuildValue("[nnn]", start, nbytes, self->tail);
-    if (segment == NULL)
+    int appended = segment == NULL
+                       ? -1
+                       : discard(PyObject_CallMethodOneArg(self->unsent, str_append, segment));
+    Py_XDECREF(segment);
+    if (appended < 0) {
+        Py_DECREF(counted);
         return -1;
-    int appended = discard(PyObject_CallMethodOneArg(self->unsent, str_append, segment));
-    Py_DECREF(segment);
-    if (appended < 0)
-        return -1;
-    if (change_ref(self, self->tail, 1) < 0)
+    }
+    if (PyList_SetItem(self->refs, self->tail, counted) < 0) /* steals counted */
         return -1;
 done:
     self->fill += nbytes;
@@ -487,6 +554,10 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
         if (pos == -1 && PyErr_Occurred())
             return NULL;
     }
+    /* Each slice's worth is queued whole (copy, segment, counts) or not at
+     * all, and write_pos follows: when a later one fails (MemoryError), the
+     * caller learns from it how much of the call was queued. */
+    self->write_pos = pos;
     if (self->arena.obj == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the queue was not initialised");
         return NULL;
@@ -509,11 +580,19 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
             if (!ok)
                 break;
         }
-        Py_ssize_t n = self->slice_size - self->fill;
+        /* tail_offset and fill can be set from Python: the range they name
+         * is checked without a sum that could wrap around past
+         * PY_SSIZE_T_MAX and pass. */
+        Py_ssize_t offset = self->tail_offset, fill = self->fill;
+        if (offset < 0 || fill < 0 || offset > self->arena.len - fill) {
+            PyErr_SetString(PyExc_IndexError, "tail outside the arena");
+            goto error;
+        }
+        Py_ssize_t start = offset + fill;
+        Py_ssize_t n = self->slice_size - fill;
         if (n > total - pos)
             n = total - pos;
-        Py_ssize_t start = self->tail_offset + self->fill;
-        if (start < 0 || start + n > self->arena.len) {
+        if (n > self->arena.len - start) {
             PyErr_SetString(PyExc_IndexError, "tail outside the arena");
             goto error;
         }
@@ -521,6 +600,7 @@ QueueCore_write(QueueCore *self, PyObject *const *args, Py_ssize_t nargs)
         if (append_segment(self, n) < 0)
             goto error;
         pos += n;
+        self->write_pos = pos;
         self->copied += n;
         if (self->total.obj != NULL) {
             long long sum;
@@ -626,7 +706,8 @@ QueueCore_views(QueueCore *self, PyObject *arg)
 static PyMethodDef QueueCore_methods[] = {
     {"write", (PyCFunction)(void (*)(void))QueueCore_write, METH_FASTCALL,
      "write(data, pos=0) -> int\n\nCopy data[pos:] into the queue as far as it fits without "
-     "waiting for a slice; return the position reached."},
+     "waiting for a slice; return the position reached.  If it raises, write_pos is the "
+     "position reached: data[pos:write_pos] is queued."},
     {"_append", (PyCFunction)QueueCore_append, METH_O,
      "_append(nbytes)\n\nQueue nbytes just written at the tail's fill point."},
     {"hold", (PyCFunction)QueueCore_hold, METH_O,
@@ -661,6 +742,7 @@ static PyMemberDef QueueCore_members[] = {
     {"unsent", T_OBJECT_EX, offsetof(QueueCore, unsent), 0, NULL},
     {"refs", T_OBJECT_EX, offsetof(QueueCore, refs), READONLY, NULL},
     {"copied", T_LONGLONG, offsetof(QueueCore, copied), READONLY, NULL},
+    {"write_pos", T_PYSSIZET, offsetof(QueueCore, write_pos), READONLY, NULL},
     {"held", T_PYSSIZET, offsetof(QueueCore, held), 0, NULL},
     {"limit", T_PYSSIZET, offsetof(QueueCore, limit), READONLY, NULL},
     {"on_free", T_OBJECT, offsetof(QueueCore, on_free), 0, NULL},

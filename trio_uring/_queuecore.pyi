@@ -11,6 +11,7 @@ class QueueCore:
     unsent: deque[list[Any]]
     refs: list[int]
     copied: int
+    write_pos: int
     held: int
     limit: int
     on_free: Callable[[], object] | None

@@ -595,7 +595,14 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     tick = self.ticker.tick
                 queue.hold(view)  # type: ignore[arg-type]
             elif nbytes:
-                queued = queue.write(view)
+                try:
+                    queued = queue.write(view)
+                except BaseException as exc:
+                    # A prefix of the message was sent or queued (write
+                    # stopped at write_pos): the stream cannot carry another.
+                    if sent or queue.write_pos:
+                        self.break_sending(exc)
+                    raise
                 if queued < nbytes:
                     await self._write_waiting(memoryview(view), queued, prefix_sent=sent > 0)
                     tick = self.ticker.tick
@@ -782,7 +789,11 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     await self._send_direct(view[pos:])
                     return
                 self.check_open()
-                pos = self.queue.write(view, pos)
+                try:
+                    pos = self.queue.write(view, pos)
+                except BaseException:
+                    pos = self.queue.write_pos  # what it queued before it raised
+                    raise
         except BaseException as exc:
             # Part of the data is queued and will be sent: the peer would see
             # a prefix, so the stream cannot carry another message.

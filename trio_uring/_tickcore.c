@@ -88,6 +88,10 @@ Ticker_before_io_wait(Ticker *self, PyObject *timeout)
     Py_ssize_t tick = PyLong_AsSsize_t(self->tick);
     if (tick == -1 && PyErr_Occurred())
         return NULL;
+    if (tick == PY_SSIZE_T_MAX) { /* tick + 1 would wrap around */
+        PyErr_SetString(PyExc_OverflowError, "Ticker.tick cannot count past sys.maxsize");
+        return NULL;
+    }
     PyObject *next = PyLong_FromSsize_t(tick + 1);
     if (next == NULL)
         return NULL;
