@@ -132,6 +132,48 @@ async def test_listener_whose_cancel_fails_to_enter_the_kernel_still_closes(
                 assert listener.socket.fileno() == -1
 
 
+async def test_an_accept_that_fails_to_enter_the_kernel_leaves_no_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accept starts a multishot ACCEPT.  Should entering the kernel with it
+    fail, accept raises the OSError (trio.serve_listeners sleeps and retries
+    on ENOMEM) and the request is cancelled: left staged, the next
+    submission would start it, and it would take connections that nobody
+    accepts or closes.  The next accept starts another and gets them."""
+    from trio_uring import _manager
+
+    async with trio_uring.open_manager() as manager:
+        if manager.ring is None:
+            pytest.skip("accept without a ring is trio's")
+        (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+        ring = manager.ring
+        real = ring.submit
+
+        def failing() -> None:
+            monkeypatch.setattr(ring, "submit", real)
+            raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+
+        monkeypatch.setattr(ring, "submit", failing)
+        with pytest.raises(OSError) as info:
+            await listener.accept()
+        assert info.value.errno == errno.ENOMEM
+
+        def accepts() -> list[object]:
+            return [e for e in ring.table.values() if isinstance(e, _manager.Multishot)]
+
+        with trio.fail_after(5):
+            await trio.testing.wait_all_tasks_blocked()
+        assert accepts() == []  # its last CQE was reaped
+        client = await trio_uring.open_tcp_stream(*listener.socket.getsockname()[:2])
+        with trio.fail_after(5):
+            server = await listener.accept()
+        async with client, server:
+            await client.send_all(b"x")
+            assert await server.receive_some(1) == b"x"
+            assert accepts() == [listener._multishot]
+        await listener.aclose()
+
+
 async def test_open_unix_stream(manager, tmp_path) -> None:
     path = str(tmp_path / "sock")
     listener_sock = trio.socket.socket(stdlib_socket.AF_UNIX)

@@ -856,3 +856,95 @@ async def test_a_receive_that_fails_at_once_is_a_checkpoint(
             await call()
     await left.aclose()
     await right.aclose()
+
+
+async def _reserve_a_byte(stream: trio_uring.ZeroCopyStream) -> None:
+    async with stream.reserve(1) as view:
+        view[:] = b"r"
+
+
+#: The send-side calls, and what each raises at once on a stream that was
+#: closed, that sent EOF, that broke, or whose socket other code closed.
+SEND_CALLS = ["send_all", "registered", "reserve", "send_file", "send_eof", "wait"]
+
+
+@pytest.mark.parametrize("call", SEND_CALLS)
+@pytest.mark.parametrize("how", ["aclose", "send_eof", "broken", "socket closed"])
+async def test_a_send_that_fails_at_once_is_a_checkpoint(
+    manager, how: str, call: str, tmp_path
+) -> None:
+    """As trio's SocketStream, whose socket send() raises only after a full
+    checkpoint: on a closed stream, after EOF, on a broken stream or a
+    socket other code closed, the send-side calls raise at a checkpoint,
+    and a cancelled call raises Cancelled.  After EOF, send_eof and
+    wait_send_all_might_not_block return, at a checkpoint too."""
+    if how == "socket closed" and call == "send_all":
+        pytest.skip("see test_a_send_all_whose_send_fails_at_once_is_a_checkpoint")
+    left, right = await zc_tcp_pair()
+    content = trio_uring.register(b"c")
+    path = tmp_path / "file"
+    path.write_bytes(b"f" * 10)
+    calls = {
+        "send_all": lambda: left.send_all(b"x"),
+        "registered": lambda: left.send_all(content),
+        "reserve": lambda: _reserve_a_byte(left),
+        "send_file": lambda: left.send_file(path),
+        "send_eof": left.send_eof,
+        "wait": left.wait_send_all_might_not_block,
+    }
+    error: type[Exception] | None = trio.ClosedResourceError
+    if how == "aclose":
+        await left.aclose()
+    elif how == "send_eof":
+        await left.send_eof()
+        if call in ("send_eof", "wait"):
+            error = None
+    elif how == "broken":
+        left.fail(ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
+        error = trio.BrokenResourceError
+    else:
+        left.socket.close()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await calls[call]()
+    with trio.testing.assert_checkpoints():
+        if error is None:
+            await calls[call]()
+        else:
+            with pytest.raises(error):
+                await calls[call]()
+    content.close()
+    await trio.aclose_forcefully(left)
+    await right.aclose()
+
+
+@pytest.mark.parametrize("size", [1, DIRECT_SEND_MIN], ids=["small", "large"])
+@pytest.mark.parametrize("how", ["socket closed", "reset"])
+async def test_a_send_all_whose_send_fails_at_once_is_a_checkpoint(
+    manager, how: str, size: int
+) -> None:
+    """A strategy that sends inside send_all, with a plain send() (a lone
+    small message, a large one from the caller's buffer): that send()
+    failing at once (EBADF on a socket other code closed, a reset
+    connection) raises at a checkpoint, as trio's socket send()."""
+    left, right = await zc_tcp_pair()
+    if not left.strategy.sends_at_once:
+        pytest.skip("this strategy queues the bytes: the error comes with the flush")
+    if how == "socket closed":
+        left.socket.close()
+        error: type[Exception] = trio.ClosedResourceError
+    else:
+        right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await right.aclose()
+        await trio.sleep(0.05)  # the reset arrives
+        error = trio.BrokenResourceError
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await left.send_all(b"x" * size)
+    with trio.testing.assert_checkpoints():
+        with pytest.raises(error):
+            await left.send_all(b"x" * size)
+    await trio.aclose_forcefully(left)
+    await right.aclose()

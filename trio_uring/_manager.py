@@ -486,10 +486,24 @@ class IOManager:
         return res
 
     def start_multishot(self, prep: Callable[..., int], *args: Any, ms: Multishot) -> Multishot:
+        """Start the multishot request ``prep(ring, ms, *args)``; return ``ms``.
+
+        Should entering the kernel fail, the OSError is raised and ``ms``
+        closed: the request stays staged and in the table, and the next
+        submission would start it with nobody to take its results (for
+        accept, connections whose fds would leak).  Its cancel, staged after
+        it, ends it, and ``ms.discard`` closes what it took meanwhile."""
         ring = self._require_ring()
         ms.user_data = prep(ring, ms, *args)
-        ring.submit()
-        self._wake_completer()
+        try:
+            ring.submit()
+        except OSError:
+            self.close_multishot(ms)
+            raise
+        finally:
+            # Even after a failure: the completion task reaps the request's
+            # last CQE, and the socket check submits what is still staged.
+            self._wake_completer()
         return ms
 
     async def next_result(self, ms: Multishot) -> int | None:

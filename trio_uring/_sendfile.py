@@ -330,10 +330,9 @@ async def send_file(
     with stream._send_conflict:
         offset, count = _check_offset_count(offset, count)
         given = _given_fd(file)
-        stream._check_can_send()
         manager = stream.manager
         # A cancellation before anything happened leaves the stream usable.
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await stream._check_can_send_at_checkpoint()
         owned = -1
         try:
             if given is None:

@@ -509,6 +509,17 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 "use the stream inside the open_manager() block that created it"
             )
 
+    async def _check_can_send_at_checkpoint(self) -> None:
+        """A cancellation point, then ``_check_can_send``: its error comes at
+        a full checkpoint, as from trio's SocketStream, whose socket send()
+        yields before it raises, and a pending cancellation comes first."""
+        await _checkpoint_if_cancelled()
+        try:
+            self._check_can_send()
+        except BaseException:
+            await _cancel_shielded_checkpoint()
+            raise
+
     async def send_all(self, data: bytes | bytearray | memoryview | RegisteredContent) -> None:
         """Queue all of ``data`` for sending; return once it is queued.
 
@@ -538,7 +549,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 or self._send_broken is not None
                 or self.manager.closed
             ):
-                self._check_can_send()
+                await self._check_can_send_at_checkpoint()
             await _checkpoint_if_cancelled()
             nbytes = len(view)
             tick = self.ticker.tick
@@ -558,6 +569,10 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     except BlockingIOError:
                         pass
                     except OSError as exc:
+                        # A full checkpoint before the error, as trio's
+                        # socket send(): the cancellation point above is
+                        # only half of one.
+                        await _cancel_shielded_checkpoint()
                         self.check_open()  # its socket closed: not a broken stream
                         self.break_sending(exc)
                         raise _stream_error(self, exc, "sending") from exc
@@ -635,8 +650,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 "register the data again in this run"
             )
         content.segment()
-        self._check_can_send()
-        await _checkpoint_if_cancelled()
+        await self._check_can_send_at_checkpoint()
         queue = self.queue
         if len(content):
             if queue.nbytes >= queue.byte_limit:
@@ -817,6 +831,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 if sent == nbytes:
                     break
         except OSError as exc:
+            # A full checkpoint before the error, as trio's socket send(),
+            # even when the first send() failed before any wait.
+            await _cancel_shielded_checkpoint()
             self.check_open()  # its socket closed (EBADF): not a broken stream
             self.break_sending(exc)
             raise _stream_error(self, exc, "sending") from exc
@@ -889,8 +906,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     f"reserve() takes 1 to slice_size ({slice_size}) bytes, not {nbytes}; "
                     "send larger data in pieces, or open_manager(slice_size=...) larger"
                 )
-            self._check_can_send()
-            await _checkpoint_if_cancelled()
+            await self._check_can_send_at_checkpoint()
             view = self.queue.reserve(nbytes)
             while view is None:
                 if not await self._wait_for_room():
@@ -967,9 +983,13 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         ``BrokenResourceError`` once the kernel failed queued bytes.
         """
         with self._sending_no_message():
-            self.check_open()
+            # A full checkpoint even when the call fails at once, as
+            # send_all (``_check_can_send_at_checkpoint``).
             await _checkpoint_if_cancelled()
-            self._raise_if_broken()
+            if self._closed or self._send_broken is not None or self._socket_gone():
+                await _cancel_shielded_checkpoint()
+                self.check_open()
+                self._raise_if_broken()
             if self.manager.ring is None:
                 await trio.lowlevel.wait_writable(self.fd)
                 return
@@ -987,10 +1007,19 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         the queued bytes stay queued, in order, and sending may go on."""
         with self._sending_no_message():
             await _checkpoint_if_cancelled()
-            self.check_open()
-            if self._eof_sent:
+            if (
+                self._eof_sent
+                or self._send_broken is not None
+                or self._closed
+                or self._socket_gone()
+            ):
+                # Nothing to drain: EOF was sent, or the call fails at once.
+                # A full checkpoint all the same, as send_all.
                 await _cancel_shielded_checkpoint()
-                return
+                self.check_open()
+                if self._eof_sent:
+                    return
+                self._raise_if_broken()
             await self._drain()
             self._eof_sent = True
             try:
