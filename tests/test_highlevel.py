@@ -174,6 +174,40 @@ async def test_an_accept_that_fails_to_enter_the_kernel_leaves_no_request(
         await listener.aclose()
 
 
+async def test_an_accept_that_fails_at_once_is_a_checkpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accept on a closed listener, or one whose request cannot start, is a
+    full checkpoint, as trio's listeners: a pending cancellation comes
+    before the error."""
+    async with trio_uring.open_manager() as manager:
+        (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
+        if manager.ring is not None:
+            ring = manager.ring
+            real = ring.submit
+
+            def failing() -> None:
+                monkeypatch.setattr(ring, "submit", real)
+                raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+
+            monkeypatch.setattr(ring, "submit", failing)
+            with trio.testing.assert_checkpoints(), pytest.raises(OSError):
+                await listener.accept()
+            monkeypatch.setattr(ring, "submit", failing)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await listener.accept()  # raises Cancelled
+            assert scope.cancelled_caught
+            monkeypatch.setattr(ring, "submit", real)
+        await listener.aclose()
+        with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError):
+            await listener.accept()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await listener.accept()
+        assert scope.cancelled_caught
+
+
 async def test_open_unix_stream(manager, tmp_path) -> None:
     path = str(tmp_path / "sock")
     listener_sock = trio.socket.socket(stdlib_socket.AF_UNIX)

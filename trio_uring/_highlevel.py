@@ -99,6 +99,9 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
         manager = self.manager
         while True:
             if self._closed:
+                # A full checkpoint before the error, as trio's listeners
+                # make: a pending cancellation comes first.
+                await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError("this listener was closed")
             if manager.ring is None:
                 try:
@@ -113,14 +116,20 @@ class ZeroCopyListener(trio.abc.Listener[ZeroCopyStream]):
             if self._multishot is None or (
                 self._multishot.finished and not self._multishot.results
             ):
-                self._check_open()
-                self._multishot = manager.start_multishot(
-                    prep_accept,
-                    self.fd,
-                    _stdlib_socket.SOCK_CLOEXEC,
-                    manager.features.accept_multishot,
-                    ms=Multishot(discard=_stdlib_socket.close, owner=self),
-                )
+                try:
+                    self._check_open()
+                    self._multishot = manager.start_multishot(
+                        prep_accept,
+                        self.fd,
+                        _stdlib_socket.SOCK_CLOEXEC,
+                        manager.features.accept_multishot,
+                        ms=Multishot(discard=_stdlib_socket.close, owner=self),
+                    )
+                except BaseException:
+                    # Nothing was waited for yet: the error, too, comes at a
+                    # full checkpoint.
+                    await trio.lowlevel.checkpoint()
+                    raise
             res = await manager.next_result(self._multishot)
             if res is None:
                 continue
