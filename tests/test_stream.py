@@ -22,7 +22,12 @@ from _streams import (
 import trio_uring
 from trio_uring._manager import FLUSH_THRESHOLD
 from trio_uring._queue import OutboundQueue
-from trio_uring._send import DIRECT_SEND_MIN
+from trio_uring._send import DIRECT_SEND_MIN, STRATEGY_IMPLS
+
+#: Strategies that queue a small message (a zero-copy request at the
+#: tick), and those that send it inside ``send_all`` with a plain send().
+QUEUEING = [s for s in runnable_strategies() if not STRATEGY_IMPLS[s].sends_at_once]
+SENDING_AT_ONCE = [s for s in runnable_strategies() if STRATEGY_IMPLS[s].sends_at_once]
 
 
 async def zc_unix_pair() -> tuple[trio_uring.ZeroCopyStream, trio_uring.ZeroCopyStream]:
@@ -251,11 +256,10 @@ def fail_writes_part_way(
 
 
 @pytest.mark.parametrize("after", [0, 1], ids=["at-once", "after-waiting-for-room"])
+@pytest.mark.parametrize("strategy", QUEUEING)
 async def test_send_all_that_raises_with_a_prefix_queued_breaks_the_stream(
     strategy: str, manager, after: int
 ) -> None:
-    if strategy in ("copy", "socket"):
-        pytest.skip("small messages go out with a plain send() under this strategy")
     left, right = await zc_tcp_pair()
     async with left, right:
         fail_writes_part_way(left, after=after)
@@ -792,11 +796,11 @@ async def test_a_stalled_peer_cannot_starve_other_streams(manager) -> None:
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("strategy", [s for s in runnable_strategies() if s != "socket"])
 async def test_no_request_names_the_fd_after_aclose(manager) -> None:
     """aclose cancels a send part way; the send must not be continued on the
-    fd number, which the next socket() may already have been given."""
-    if manager.ring is None:
-        pytest.skip("the socket strategy sends through the closed socket object")
+    fd number, which the next socket() may already have been given (the
+    socket strategy makes no request: it sends through the socket object)."""
     left, right = await zc_tcp_pair()
     fix_buffers(left, right)
     after_close: list[tuple[object, tuple[object, ...]]] = []
@@ -868,8 +872,16 @@ async def _reserve_a_byte(stream: trio_uring.ZeroCopyStream) -> None:
 SEND_CALLS = ["send_all", "registered", "reserve", "send_file", "send_eof", "wait"]
 
 
-@pytest.mark.parametrize("call", SEND_CALLS)
-@pytest.mark.parametrize("how", ["aclose", "send_eof", "broken", "socket closed"])
+@pytest.mark.parametrize(
+    ("how", "call"),
+    [
+        (how, call)
+        for how in ("aclose", "send_eof", "broken", "socket closed")
+        for call in SEND_CALLS
+        # send_all on a socket other code closed: the next test.
+        if (how, call) != ("socket closed", "send_all")
+    ],
+)
 async def test_a_send_that_fails_at_once_is_a_checkpoint(
     manager, how: str, call: str, tmp_path
 ) -> None:
@@ -878,8 +890,6 @@ async def test_a_send_that_fails_at_once_is_a_checkpoint(
     socket other code closed, the send-side calls raise at a checkpoint,
     and a cancelled call raises Cancelled.  After EOF, send_eof and
     wait_send_all_might_not_block return, at a checkpoint too."""
-    if how == "socket closed" and call == "send_all":
-        pytest.skip("see test_a_send_all_whose_send_fails_at_once_is_a_checkpoint")
     left, right = await zc_tcp_pair()
     content = trio_uring.register(b"c")
     path = tmp_path / "file"
@@ -921,6 +931,7 @@ async def test_a_send_that_fails_at_once_is_a_checkpoint(
 
 @pytest.mark.parametrize("size", [1, DIRECT_SEND_MIN], ids=["small", "large"])
 @pytest.mark.parametrize("how", ["socket closed", "reset"])
+@pytest.mark.parametrize("strategy", SENDING_AT_ONCE)
 async def test_a_send_all_whose_send_fails_at_once_is_a_checkpoint(
     manager, how: str, size: int
 ) -> None:
@@ -929,8 +940,6 @@ async def test_a_send_all_whose_send_fails_at_once_is_a_checkpoint(
     failing at once (EBADF on a socket other code closed, a reset
     connection) raises at a checkpoint, as trio's socket send()."""
     left, right = await zc_tcp_pair()
-    if not left.strategy.sends_at_once:
-        pytest.skip("this strategy queues the bytes: the error comes with the flush")
     if how == "socket closed":
         left.socket.close()
         error: type[Exception] = trio.ClosedResourceError
