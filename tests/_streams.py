@@ -1,14 +1,19 @@
-"""Stream pairs and the strategies this kernel runs, shared by the tests."""
+"""Stream pairs, the strategies this kernel runs, a failing kernel entry and
+a close under a waiting call, shared by the tests."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket as stdlib_socket
+from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 import trio.testing
 
 import trio_uring
+from trio_uring import _ring
 from trio_uring._features import STRATEGIES, features
 
 
@@ -100,3 +105,38 @@ async def sends_until_might_block(stream: trio_uring.ZeroCopyStream) -> int:
             return sent
         await stream.send_all(b"c" * 16384)
         sent += 16384
+
+
+def fail_the_next_enter(
+    monkeypatch: pytest.MonkeyPatch, ring: _ring.Ring, method: str = "submit_and_reap"
+) -> Callable[[], None]:
+    """Make the ring's next ``method`` call (``submit_and_reap`` or
+    ``submit``) fail as a refused ``io_uring_enter`` would, once, before it
+    submits anything.  Returns the real method, which that failure puts
+    back: ``getattr(ring, method) == real`` says the failure was met."""
+    real = getattr(ring, method)
+
+    def failing() -> None:
+        monkeypatch.setattr(ring, method, real)
+        raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+
+    monkeypatch.setattr(ring, method, failing)
+    return real
+
+
+async def close_under_a_waiting_call(
+    wait: Callable[[], Awaitable[object]], close: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``close`` once another task is blocked in ``wait``.  The waiting
+    call must end with trio.ClosedResourceError, and all of it within 5 s:
+    a close that leaves a waiter hanging fails rather than hangs the run."""
+
+    async def waiting() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await wait()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiting)
+            await trio.testing.wait_all_tasks_blocked()
+            await close()

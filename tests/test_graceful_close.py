@@ -19,6 +19,8 @@ import trio.testing
 from _reliability_helpers import drain
 from _streams import (
     clog,
+    close_under_a_waiting_call,
+    fail_the_next_enter,
     fix_buffers,
     runnable_strategies,
     sends_until_might_block,
@@ -115,16 +117,26 @@ async def test_a_draining_aclose_returns_when_another_task_closes_the_stream(
         await right.aclose()
 
 
-def fail_the_next_enter(monkeypatch: pytest.MonkeyPatch, ring: _ring.Ring) -> None:
-    """Make the ring's next ``submit_and_reap`` fail as a refused
-    ``io_uring_enter`` would, once, before it submits anything."""
-    real = ring.submit_and_reap
+class RefusingLib:
+    """The shim's ``lib``, whose ``tu_submit_staged`` answers the first
+    ``times`` non-empty batches with ``-refusal`` and copies none of their
+    SQEs into the SQ, as entering a kernel that failed (ENOMEM) or was busy
+    (EBUSY) would.  ``refusals`` counts the refusals still to come."""
 
-    def failing() -> None:
-        monkeypatch.setattr(ring, "submit_and_reap", real)
-        raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+    def __init__(self, real: object, refusal: int, times: int) -> None:
+        self._real = real
+        self._refusal = refusal
+        self.refusals = times
 
-    monkeypatch.setattr(ring, "submit_and_reap", failing)
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def tu_submit_staged(self, ring: object, staged: object, count: int, *rest):
+        if self.refusals and count:
+            self.refusals -= 1
+            rest[-1][0] = 0  # nothing copied into the SQ
+            return -self._refusal
+        return self._real.tu_submit_staged(ring, staged, count, *rest)
 
 
 @pytest.mark.parametrize("strategy", ZERO_COPY_STRATEGIES)
@@ -152,25 +164,13 @@ async def test_sqes_a_busy_kernel_refused_are_submitted_again(
     else to submit, the manager's once-a-second check hands it over."""
     async with trio_uring.open_manager(strategy=strategy):
         left, right = await tcp_pair()
-        real = _ring.lib
-        refusals = [2]  # submit_and_reap's attempt and submit()'s retry
-
-        class BusyLib:
-            def __getattr__(self, name: str) -> object:
-                return getattr(real, name)
-
-            def tu_submit_staged(self, ring: object, staged: object, count: int, *rest):
-                if refusals[0] and count:
-                    refusals[0] -= 1
-                    rest[-1][0] = 0  # nothing copied into the SQ
-                    return -errno.EBUSY
-                return real.tu_submit_staged(ring, staged, count, *rest)
-
-        monkeypatch.setattr(_ring, "lib", BusyLib())
+        # Twice: submit_and_reap's attempt and submit()'s retry.
+        busy = RefusingLib(_ring.lib, errno.EBUSY, times=2)
+        monkeypatch.setattr(_ring, "lib", busy)
         await left.send_all(b"request")  # queued; the tick's flush meets EBUSY
         with trio.fail_after(5):
             assert await right.receive_some(100) == b"request"
-        assert refusals == [0]
+        assert busy.refusals == 0
         await left.aclose()
         await right.aclose()
 
@@ -218,31 +218,13 @@ async def test_aclose_whose_cancel_the_kernel_did_not_take_still_closes(
     escapes, and a receive waiting on it ends."""
     async with trio_uring.open_manager(strategy=strategy):
         left, right = await tcp_pair()
-        real = _ring.lib
-        refusals = [1]
+        refusing = RefusingLib(_ring.lib, refusal, times=1)
 
-        class RefusingLib:
-            def __getattr__(self, name: str) -> object:
-                return getattr(real, name)
+        async def close() -> None:
+            monkeypatch.setattr(_ring, "lib", refusing)
+            await left.aclose()
+            assert refusing.refusals == 0
+            assert left.socket.fileno() == -1
 
-            def tu_submit_staged(self, ring: object, staged: object, count: int, *rest):
-                if refusals[0] and count:
-                    refusals[0] -= 1
-                    rest[-1][0] = 0  # nothing copied into the SQ
-                    return -refusal
-                return real.tu_submit_staged(ring, staged, count, *rest)
-
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-
-                async def receive() -> None:
-                    with pytest.raises(trio.ClosedResourceError):
-                        await left.receive_some(10)
-
-                nursery.start_soon(receive)
-                await trio.testing.wait_all_tasks_blocked()
-                monkeypatch.setattr(_ring, "lib", RefusingLib())
-                await left.aclose()
-                assert refusals == [0]
-                assert left.socket.fileno() == -1
+        await close_under_a_waiting_call(lambda: left.receive_some(10), close)
         await right.aclose()

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from _streams import close_under_a_waiting_call, fail_the_next_enter
 
 import trio_uring
 
@@ -84,15 +85,7 @@ async def test_listener_accept_is_cancellable_and_closable(manager) -> None:
     async with client, server:
         await client.send_all(b"x")
         assert await server.receive_some(1) == b"x"
-
-    async def accept_expecting_closed() -> None:
-        with pytest.raises(trio.ClosedResourceError):
-            await listener.accept()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(accept_expecting_closed)
-        await trio.testing.wait_all_tasks_blocked()
-        await listener.aclose()
+    await close_under_a_waiting_call(listener.accept, listener.aclose)
     with pytest.raises(trio.ClosedResourceError):
         await listener.accept()
 
@@ -112,24 +105,14 @@ async def test_listener_whose_cancel_fails_to_enter_the_kernel_still_closes(
             pytest.skip("accept without a ring is trio's")
         (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
         ring = manager.ring
-        real = ring.submit
 
-        def failing() -> None:
-            monkeypatch.setattr(ring, "submit", real)
-            raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+        async def close() -> None:
+            real = fail_the_next_enter(monkeypatch, ring, "submit")
+            await listener.aclose()
+            assert ring.submit == real  # the close met the failure
+            assert listener.socket.fileno() == -1
 
-        async def accept_expecting_closed() -> None:
-            with pytest.raises(trio.ClosedResourceError):
-                await listener.accept()
-
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(accept_expecting_closed)
-                await trio.testing.wait_all_tasks_blocked()
-                monkeypatch.setattr(ring, "submit", failing)
-                await listener.aclose()
-                assert ring.submit == real  # the close met the failure
-                assert listener.socket.fileno() == -1
+        await close_under_a_waiting_call(listener.accept, close)
 
 
 async def test_an_accept_that_fails_to_enter_the_kernel_leaves_no_request(
@@ -147,13 +130,7 @@ async def test_an_accept_that_fails_to_enter_the_kernel_leaves_no_request(
             pytest.skip("accept without a ring is trio's")
         (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
         ring = manager.ring
-        real = ring.submit
-
-        def failing() -> None:
-            monkeypatch.setattr(ring, "submit", real)
-            raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
-
-        monkeypatch.setattr(ring, "submit", failing)
+        fail_the_next_enter(monkeypatch, ring, "submit")
         with pytest.raises(OSError) as info:
             await listener.accept()
         assert info.value.errno == errno.ENOMEM
@@ -184,16 +161,10 @@ async def test_an_accept_that_fails_at_once_is_a_checkpoint(
         (listener,) = await trio_uring.open_tcp_listeners(0, host="127.0.0.1")
         if manager.ring is not None:
             ring = manager.ring
-            real = ring.submit
-
-            def failing() -> None:
-                monkeypatch.setattr(ring, "submit", real)
-                raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
-
-            monkeypatch.setattr(ring, "submit", failing)
+            real = fail_the_next_enter(monkeypatch, ring, "submit")
             with trio.testing.assert_checkpoints(), pytest.raises(OSError):
                 await listener.accept()
-            monkeypatch.setattr(ring, "submit", failing)
+            fail_the_next_enter(monkeypatch, ring, "submit")
             with trio.CancelScope() as scope:
                 scope.cancel()
                 await listener.accept()  # raises Cancelled

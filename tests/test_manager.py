@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import gc
 import socket
 import threading
@@ -11,7 +10,7 @@ import weakref
 import pytest
 import trio
 import trio.testing
-from _streams import tcp_pair
+from _streams import fail_the_next_enter, tcp_pair
 from trio_uring._shim_cffi import ffi
 
 import trio_uring
@@ -128,13 +127,7 @@ async def test_a_cancel_that_fails_to_enter_the_kernel_is_submitted_again(
     manager = current_manager()
     ring = manager.ring
     assert ring is not None
-    real = ring.submit
-
-    def failing() -> None:
-        monkeypatch.setattr(ring, "submit", real)
-        raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
-
-    monkeypatch.setattr(ring, "submit", failing)
+    real = fail_the_next_enter(monkeypatch, ring, "submit")
     a, b = socket.socketpair()
     with a, b:
         _buf, *args = recv_args(a)

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 from _streams import (
     clog,
+    close_under_a_waiting_call,
     fix_buffers,
     runnable_strategies,
     sends_until_might_block,
@@ -131,16 +132,7 @@ async def test_closed_resource_errors_after_aclose(manager) -> None:
 async def test_aclose_wakes_a_blocked_receiver_with_closed_resource_error(manager) -> None:
     left, right = await zc_tcp_pair()
     async with right:
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-
-                async def receive() -> None:
-                    with pytest.raises(trio.ClosedResourceError):
-                        await left.receive_some(10)
-
-                nursery.start_soon(receive)
-                await trio.testing.wait_all_tasks_blocked()
-                await left.aclose()
+        await close_under_a_waiting_call(lambda: left.receive_some(10), left.aclose)
     if manager.ring is not None:
         assert manager.ring.table == {}
 
