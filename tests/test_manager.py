@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import socket
+import subprocess
+import sys
 import threading
 import weakref
 
@@ -137,6 +139,55 @@ async def test_a_cancel_that_fails_to_enter_the_kernel_is_submitted_again(
         assert scope.cancelled_caught
         assert ring.submit == real  # the abort met the failure
         assert ring.table == {}
+
+
+#: A run in which entering the kernel fails for good while a receive waits:
+#: the receive is cancelled, its ASYNC_CANCEL cannot reach the kernel, the
+#: socket check raises the error, and the run must end with it.
+_REFUSING_KERNEL_RUN = """
+import errno, socket, trio, trio_uring
+from trio_uring import _manager
+
+_manager.SOCKET_CHECK_INTERVAL = 0.05
+
+def refused(*args):
+    raise OSError(errno.ENOMEM, "io_uring_enter failed (injected)")
+
+async def main():
+    async with trio_uring.open_manager() as manager:
+        a, b = socket.socketpair()
+        stream = trio_uring.ZeroCopyStream(trio.socket.from_stdlib_socket(a))
+
+        async def receive():
+            with trio.move_on_after(0.1):
+                await stream.receive_some(10)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            manager.ring.submit = manager.ring.submit_and_reap = refused
+
+try:
+    trio.run(main)
+except BaseException as exc:
+    print("ended with", repr(exc), exc.exceptions if hasattr(exc, "exceptions") else "")
+"""
+
+
+def test_a_run_whose_kernel_refuses_new_work_ends_with_the_error() -> None:
+    """A wait whose cancel cannot enter the kernel waits for a CQE that will
+    not come.  When the error persists and ends the manager, its shutdown
+    ends those waits as cancelled: the run ends with the error instead of
+    hanging (in a child process, so that a hang fails the test)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import trio.testing\n" + _REFUSING_KERNEL_RUN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "ended with ExceptionGroup" in proc.stdout, proc.stdout + proc.stderr
+    assert "io_uring_enter failed (injected)" in proc.stdout
+    assert "when the kernel refused new work at shutdown" in proc.stderr
 
 
 @pytest.mark.parametrize("flags", SETUP_FLAG_CANDIDATES)

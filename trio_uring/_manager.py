@@ -830,34 +830,48 @@ class IOManager:
         if ring is None:
             self.closed = True
             return
-        with trio.move_on_after(timeout):
-            while self.ticker.pending or self.sends_in_flight:
-                pending = self.ticker.pending
-                self.ticker.pending = []
-                for stream in pending:
-                    stream.flush_pending = False
-                    stream.flush()
-                self.submit_prepared()
-                if self.sends_in_flight:
-                    await trio.lowlevel.wait_readable(ring.wait_fd)
-                    ring.reap()
+        refused: OSError | None = None
+        try:
+            with trio.move_on_after(timeout):
+                while self.ticker.pending or self.sends_in_flight:
+                    pending = self.ticker.pending
+                    self.ticker.pending = []
+                    for stream in pending:
+                        stream.flush_pending = False
+                        stream.flush()
+                    self.submit_prepared()
+                    if self.sends_in_flight:
+                        await trio.lowlevel.wait_readable(ring.wait_fd)
+                        ring.reap()
+        except OSError as exc:
+            refused = exc
         self.closed = True
-        if ring.table:
-            prep_cancel_any(ring)
-            ring.submit()
-            ring.reap()
-        with trio.move_on_after(timeout):
-            while ring.table:
-                await trio.lowlevel.wait_readable(ring.wait_fd)
+        try:
+            if ring.table and refused is None:
+                prep_cancel_any(ring)
+                ring.submit()
                 ring.reap()
+                with trio.move_on_after(timeout):
+                    while ring.table:
+                        await trio.lowlevel.wait_readable(ring.wait_fd)
+                        ring.reap()
+        except OSError as exc:
+            refused = exc
+        if refused is not None:
+            self._end_waits(ring)
         leftover = len(ring.table)
         for bgid in list(self._registered_bgids):
             self.unregister_buf_ring(bgid)
         if leftover:
             _abandoned.append((self.arena, list(ring.table.values())))
+            why = (
+                f"when the kernel refused new work at shutdown ({refused})"
+                if refused is not None
+                else f"after {timeout:.0f} s at shutdown"
+            )
             warnings.warn(
-                f"trio_uring: {leftover} requests still held kernel references after "
-                f"{timeout:.0f} s at shutdown; their memory stays mapped until exit",
+                f"trio_uring: {leftover} requests still held kernel references {why}; "
+                "their memory stays mapped until exit",
                 RuntimeWarning,
                 stacklevel=1,
             )
@@ -865,6 +879,26 @@ class IOManager:
             ring.register(_abi.IORING_UNREGISTER_BUFFERS, ffi.NULL, 0)
         trio.lowlevel.notify_closing(ring.wait_fd)
         ring.close()
+
+    def _end_waits(self, ring: Ring) -> None:
+        """Entering the kernel failed at shutdown, so no request left in
+        the table will complete here: end the waits on them as cancelled,
+        or no task waiting on one (a receive, an accept, a stream's send in
+        flight) would ever be resumed, and the run would hang instead of
+        ending with the error.  The entries stay in the table, and so in
+        ``_abandoned`` with the arena: the kernel may still use their
+        memory until it tears the requests down with the ring."""
+        closed = ManagerClosedError(
+            "the trio_uring I/O manager shut down when the kernel refused new work"
+        )
+        for entry in list(ring.table.values()):
+            if isinstance(entry, (Operation, Multishot)):
+                if entry.task is not None:
+                    entry.complete(-errno.ECANCELED, 0)
+                continue
+            stream = getattr(entry, "stream", None)
+            if stream is not None and stream.in_flight is entry:
+                stream.fail(closed)
 
     def stream_counters(self) -> SendCounters:
         """New counters for a stream, counted in this manager's ``stats``."""
