@@ -25,7 +25,7 @@ import pytest
 import trio
 import trio.testing
 from _reliability_helpers import fd_count, rst_close, run_python, vectored_fixed_with_a_successor
-from _streams import clog
+from _streams import clog, runnable_strategies
 
 import trio_uring
 from trio_uring import _sendfile
@@ -348,6 +348,41 @@ async def test_bad_file(manager, bad_files, kind: str) -> None:
         assert await peer.receive_some(100) == b"still usable"
 
 
+#: Files refused only after the call's cancellation point, without a wait:
+#: an fd, or a path opened with open() (no ring, or no OPENAT); a path the
+#: ring opens is refused after that request.  (The other kinds are refused
+#: with the arguments, before the cancellation point.)
+REFUSED_AT_ONCE = [
+    (strategy, kind)
+    for strategy in runnable_strategies()
+    for kind in BAD_FILES
+    if kind not in ("negative fd", "closed file", "BytesIO", "float", "bool", "None")
+    and (
+        strategy == "socket"
+        or "OPENAT" not in trio_uring.features().ops
+        or kind not in ("directory", "fifo path", "char device", "missing")
+    )
+]
+
+
+@pytest.mark.parametrize(("strategy", "kind"), REFUSED_AT_ONCE)
+async def test_a_file_refused_at_once_is_refused_at_a_checkpoint(
+    manager, bad_files, kind: str
+) -> None:
+    """A file refused without waiting for anything is refused at a full
+    checkpoint all the same; a cancelled call raises Cancelled first."""
+    file, error, words = bad_files[kind]
+    stream, peer = await stream_pair()
+    async with stream, peer:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await stream.send_file(file)
+        with trio.testing.assert_checkpoints():
+            with pytest.raises(error, match=words):
+                await stream.send_file(file)
+
+
 @pytest.mark.parametrize(
     ("offset", "count", "error", "words"),
     [
@@ -510,6 +545,28 @@ async def test_peer_reset_is_broken_resource(manager, path, big_file) -> None:
         nursery.start_soon(send)
         await trio.testing.wait_all_tasks_blocked()
         rst_close(peer.socket)
+
+
+@pytest.mark.parametrize("size", [100, MiB])
+@pytest.mark.parametrize("strategy", ["socket"])
+async def test_a_file_to_a_reset_peer_without_a_ring_is_a_checkpoint(
+    manager, tmp_path, size: int
+) -> None:
+    """Without a ring, send_file's first sendfile() fails at once on a reset
+    connection: the call raises at a full checkpoint all the same, and a
+    cancelled call raises Cancelled first."""
+    name, _ = make_file(tmp_path, size)
+    stream, peer = await stream_pair()
+    rst_close(peer.socket)
+    await trio.sleep(0.05)  # the reset arrives
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await stream.send_file(name)
+    with trio.testing.assert_checkpoints():
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_file(name)
+    await trio.aclose_forcefully(stream)
 
 
 async def test_a_reset_while_the_file_is_read_breaks_the_stream_and_loses_no_slice(

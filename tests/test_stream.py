@@ -6,6 +6,7 @@ import errno
 import os
 import socket as stdlib_socket
 import struct
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -947,5 +948,138 @@ async def test_a_send_all_whose_send_fails_at_once_is_a_checkpoint(
     with trio.testing.assert_checkpoints():
         with pytest.raises(error):
             await left.send_all(b"x" * size)
+    await trio.aclose_forcefully(left)
+    await right.aclose()
+
+
+async def reset_by(peer: trio_uring.ZeroCopyStream) -> None:
+    """The peer closes with SO_LINGER (1, 0), resetting the connection; the
+    reset has arrived when this returns."""
+    peer.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await peer.aclose()
+    await trio.sleep(0.05)
+
+
+async def fails_at_a_checkpoint(
+    call: Callable[[], Awaitable[object]], error: type[BaseException]
+) -> None:
+    """``call()`` fails with ``error`` at a full checkpoint, and with
+    Cancelled in a cancelled scope: its cancellation point comes before
+    the failure is found, and such a call changes nothing."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await call()
+    with trio.testing.assert_checkpoints():
+        with pytest.raises(error):
+            await call()
+
+
+async def test_send_eof_to_a_reset_peer_is_a_checkpoint(manager) -> None:
+    """Nothing queued, so nothing to wait for: shutdown() fails at once on a
+    reset connection, and send_eof raises at a checkpoint all the same."""
+    left, right = await zc_tcp_pair()
+    await reset_by(right)
+    await fails_at_a_checkpoint(left.send_eof, trio.BrokenResourceError)
+    await trio.aclose_forcefully(left)
+
+
+@pytest.mark.parametrize("how", ["socket closed", "reset"])
+@pytest.mark.parametrize("strategy", QUEUEING)
+async def test_a_send_all_past_the_share_on_a_dead_connection_is_a_checkpoint(
+    manager, how: str
+) -> None:
+    """A message larger than the stream's share: send_all queues what fits
+    and flushes it to make room, and that flush fails at once (a reset, a
+    socket other code closed) without the call waiting for anything.  It
+    raises at a checkpoint all the same."""
+    left, right = await zc_tcp_pair()
+    data = b"x" * (2 * left.queue.byte_limit)
+    if how == "socket closed":
+        left.socket.close()
+        error: type[Exception] = trio.ClosedResourceError
+    else:
+        await reset_by(right)
+        error = trio.BrokenResourceError
+    await fails_at_a_checkpoint(lambda: left.send_all(data), error)
+    await trio.aclose_forcefully(left)
+    await right.aclose()
+
+
+async def test_content_behind_a_full_share_on_a_reset_connection_is_a_checkpoint(
+    manager,
+) -> None:
+    """Registered content behind a share's worth of queued bytes (a send
+    took part of them and the rest was requeued): the call flushes before
+    it waits for the share, and that flush fails at once on a reset
+    connection.  It raises at a checkpoint all the same."""
+    left, right = await zc_tcp_pair()
+    content = trio_uring.register(b"c")
+    await reset_by(right)
+    queue = left.queue
+    assert queue.write(memoryview(b"q" * queue.byte_limit)) == queue.byte_limit
+    await fails_at_a_checkpoint(lambda: left.send_all(content), trio.BrokenResourceError)
+    content.close()
+    await trio.aclose_forcefully(left)
+
+
+@pytest.mark.parametrize("call", ["reserve", "registered"])
+@pytest.mark.parametrize("strategy", ["socket"])
+async def test_bytes_queued_outside_send_all_to_a_reset_peer_without_a_ring(
+    manager, call: str
+) -> None:
+    """Without a ring, reserve() and registered content send what they
+    queued at once; that send fails at once on a reset connection, and the
+    call raises at a checkpoint all the same."""
+    left, right = await zc_tcp_pair()
+    content = trio_uring.register(b"c")
+    await reset_by(right)
+    calls = {"reserve": lambda: _reserve_a_byte(left), "registered": lambda: left.send_all(content)}
+    await fails_at_a_checkpoint(calls[call], trio.BrokenResourceError)
+    content.close()
+    await trio.aclose_forcefully(left)
+
+
+@pytest.mark.parametrize("how", ["closed", "broken"])
+async def test_a_reserve_whose_stream_closed_or_broke_during_its_block_is_a_checkpoint(
+    manager, how: str
+) -> None:
+    """Another task closed the stream, or the kernel failed bytes queued
+    before, while the block ran (here without the block waiting): leaving
+    the block raises, and the call was a full checkpoint all the same."""
+    left, right = await zc_tcp_pair()
+    error = trio.ClosedResourceError if how == "closed" else trio.BrokenResourceError
+    with trio.testing.assert_checkpoints():
+        with pytest.raises(error):
+            async with left.reserve(1) as view:
+                view[:] = b"r"
+                if how == "closed":
+                    left._close_now()  # what a forceful close from another task does
+                else:
+                    left.fail(ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
+    await trio.aclose_forcefully(left)
+    await right.aclose()
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [s for s in SENDING_AT_ONCE if 0 < STRATEGY_IMPLS[s].direct_min < FLUSH_THRESHOLD],
+)
+async def test_a_direct_send_behind_a_send_in_flight_on_a_closed_socket_is_a_checkpoint(
+    manager,
+) -> None:
+    """A strategy that queues small messages and sends large ones from the
+    caller's buffer: a large one waits for the queued bytes first, and on a
+    socket other code closed that fails at once.  send_all raises at a
+    checkpoint all the same."""
+    left, right = await zc_tcp_pair()
+    fix_buffers(left, right)
+    await clog(left)
+    await left.send_all(b"q")  # queued: the socket is full
+    await trio.testing.wait_all_tasks_blocked()
+    assert left.in_flight is not None
+    left.socket.close()
+    data = bytearray(left.direct_min)  # not bytes: sent, not held by reference
+    await fails_at_a_checkpoint(lambda: left.send_all(data), trio.ClosedResourceError)
     await trio.aclose_forcefully(left)
     await right.aclose()

@@ -359,6 +359,14 @@ async def send_file(
                 await _send_guarded(stream, fd, offset, count)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return count
+        except Exception:
+            # A failure found without waiting (a reset the first sendfile()
+            # meets, a file that is not regular) comes at a full checkpoint
+            # too: the cancellation point was above.
+            from ._stream import _schedule_point_before_raising
+
+            await _schedule_point_before_raising()
+            raise
         finally:
             if owned >= 0:
                 os.close(owned)

@@ -53,6 +53,23 @@ _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 
 
+async def _schedule_point_before_raising() -> None:
+    """The schedule point of a call that fails without having waited.
+
+    Every public call is a full checkpoint, failing too, as trio's
+    SocketStream, whose socket ``send()`` yields before it raises: its
+    cancellation point comes first (a pending cancellation wins over the
+    error), and this, awaited in an ``except Exception`` block (not for
+    ``Cancelled``, which comes from a checkpoint), before the error leaves.
+    The wait helpers (``_drain``, ``_wait_for_room``, ``_wait_for_share``)
+    raise only after it, because their flush may break the stream at once
+    (a reset, a socket other code closed) and they then raise without
+    parking.  After a real wait it is one schedule point more, which is
+    harmless.
+    """
+    await _cancel_shielded_checkpoint()
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamStats:
     """What one stream has sent, and what the kernel said about it.
@@ -661,11 +678,16 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
 
     async def _wait_for_share(self) -> None:
         """Flush, then wait while the queue holds a share's worth of unsent
-        bytes (bytes held by reference or content, which take no slice)."""
+        bytes (bytes held by reference or content, which take no slice).
+        Raises at a schedule point (``_schedule_point_before_raising``)."""
         queue = self.queue
-        self._flush_now()
-        await self._wait_for(lambda: queue.nbytes < queue.byte_limit)
-        self._raise_if_broken()
+        try:
+            self._flush_now()
+            await self._wait_for(lambda: queue.nbytes < queue.byte_limit)
+            self._raise_if_broken()
+        except Exception:
+            await _schedule_point_before_raising()
+            raise
 
     async def _queued_outside_send_all(self) -> None:
         """``reserve()`` or content queued bytes: without a ring nothing
@@ -761,14 +783,18 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         (the kernel copies), after the bytes queued before.
         """
         queue = self.queue
-        self._flush_now()
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed while a send waited")
-            if queue.writable or self._send_broken is not None or not queue.at_limit:
-                break
-            await self._park()
-        self._raise_if_broken()
+        try:
+            self._flush_now()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("the stream was closed while a send waited")
+                if queue.writable or self._send_broken is not None or not queue.at_limit:
+                    break
+                await self._park()
+            self._raise_if_broken()
+        except Exception:
+            await _schedule_point_before_raising()
+            raise
         return queue.writable
 
     def _going_without_the_arena(self) -> None:
@@ -848,19 +874,24 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     async def _drain(self) -> None:
         """Send everything queued; return when the kernel has accepted it.
 
-        Raises what the kernel reported for queued bytes.  A checkpoint only
-        when something had to be waited for.
+        Raises what the kernel reported for queued bytes, at a schedule
+        point (``_schedule_point_before_raising``).  Returning, a checkpoint
+        only when something had to be waited for.
         """
         queue = self.queue
-        while (queue.nbytes or self.in_flight is not None) and self._send_broken is None:
-            self.check_open()
-            self._flush_now()
-            if self.manager.ring is None and queue.nbytes:
-                # No ring to finish the send: wait for the socket here.
-                await trio.lowlevel.wait_writable(self.fd)
-            elif self.in_flight is not None:
-                await self._wait_for(lambda: self.in_flight is None)
-        self._raise_if_broken()
+        try:
+            while (queue.nbytes or self.in_flight is not None) and self._send_broken is None:
+                self.check_open()
+                self._flush_now()
+                if self.manager.ring is None and queue.nbytes:
+                    # No ring to finish the send: wait for the socket here.
+                    await trio.lowlevel.wait_writable(self.fd)
+                elif self.in_flight is not None:
+                    await self._wait_for(lambda: self.in_flight is None)
+            self._raise_if_broken()
+        except Exception:
+            await _schedule_point_before_raising()
+            raise
 
     @contextlib.asynccontextmanager
     async def reserve(self, nbytes: int) -> AsyncIterator[memoryview]:
@@ -939,6 +970,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 # Closing, or the kernel failing queued bytes, cleared the
                 # queue: the reserved bytes cannot follow what was lost.
                 self.queue.unreserve()
+                await _schedule_point_before_raising()
                 self.check_open()
                 self._raise_if_broken()
             self.queue.commit(nbytes)
@@ -1025,6 +1057,9 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             try:
                 self.socket.shutdown(_stdlib_socket.SHUT_WR)
             except OSError as exc:
+                # A reset connection with nothing queued: the drain waited
+                # for nothing.
+                await _schedule_point_before_raising()
                 raise _stream_error(self, exc, "sending EOF") from exc
             await _cancel_shielded_checkpoint()
 
