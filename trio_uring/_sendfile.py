@@ -362,10 +362,9 @@ async def send_file(
         except Exception:
             # A failure found without waiting (a reset the first sendfile()
             # meets, a file that is not regular) comes at a full checkpoint
-            # too: the cancellation point was above.
-            from ._stream import _schedule_point_before_raising
-
-            await _schedule_point_before_raising()
+            # too: the cancellation point was above.  As the stream's
+            # ``_schedule_point_before_raising``.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             raise
         finally:
             if owned >= 0:
