@@ -822,6 +822,42 @@ async def test_no_request_names_the_fd_after_aclose(manager) -> None:
     assert after_close == []
 
 
+async def reset_by(peer: trio_uring.ZeroCopyStream) -> None:
+    """The peer closes with SO_LINGER (1, 0), resetting the connection; the
+    reset has arrived when this returns."""
+    peer.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await peer.aclose()
+    await trio.sleep(0.05)
+
+
+async def end_connection(
+    how: str, stream: trio_uring.ZeroCopyStream, peer: trio_uring.ZeroCopyStream
+) -> type[Exception]:
+    """End ``stream``'s connection ``how``: "socket closed" (other code
+    closed its socket) or "reset" (by ``peer``).  Returns the error the
+    stream's calls then raise."""
+    if how == "socket closed":
+        stream.socket.close()
+        return trio.ClosedResourceError
+    await reset_by(peer)
+    return trio.BrokenResourceError
+
+
+async def fails_at_a_checkpoint(
+    call: Callable[[], Awaitable[object]], error: type[BaseException]
+) -> None:
+    """``call()`` fails with ``error`` at a full checkpoint, and with
+    Cancelled in a cancelled scope: its cancellation point comes before
+    the failure is found, and such a call changes nothing."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await call()
+    with trio.testing.assert_checkpoints():
+        with pytest.raises(error):
+            await call()
+
+
 @pytest.mark.parametrize("receive", ["receive_some", "__anext__"])
 @pytest.mark.parametrize("how", ["aclose", "socket closed", "reset"])
 async def test_a_receive_that_fails_at_once_is_a_checkpoint(
@@ -834,23 +870,10 @@ async def test_a_receive_that_fails_at_once_is_a_checkpoint(
     left, right = await zc_tcp_pair()
     if how == "aclose":
         await left.aclose()
-        error = trio.ClosedResourceError
-    elif how == "socket closed":
-        left.socket.close()
-        error = trio.ClosedResourceError
+        error: type[Exception] = trio.ClosedResourceError
     else:
-        right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await right.aclose()
-        await trio.sleep(0.05)  # the reset arrives
-        error = trio.BrokenResourceError
-    call = getattr(left, receive)
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        with pytest.raises(trio.Cancelled):
-            await call()
-    with trio.testing.assert_checkpoints():
-        with pytest.raises(error):
-            await call()
+        error = await end_connection(how, left, right)
+    await fails_at_a_checkpoint(getattr(left, receive), error)
     await left.aclose()
     await right.aclose()
 
@@ -933,46 +956,10 @@ async def test_a_send_all_whose_send_fails_at_once_is_a_checkpoint(
     failing at once (EBADF on a socket other code closed, a reset
     connection) raises at a checkpoint, as trio's socket send()."""
     left, right = await zc_tcp_pair()
-    if how == "socket closed":
-        left.socket.close()
-        error: type[Exception] = trio.ClosedResourceError
-    else:
-        right.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await right.aclose()
-        await trio.sleep(0.05)  # the reset arrives
-        error = trio.BrokenResourceError
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        with pytest.raises(trio.Cancelled):
-            await left.send_all(b"x" * size)
-    with trio.testing.assert_checkpoints():
-        with pytest.raises(error):
-            await left.send_all(b"x" * size)
+    error = await end_connection(how, left, right)
+    await fails_at_a_checkpoint(lambda: left.send_all(b"x" * size), error)
     await trio.aclose_forcefully(left)
     await right.aclose()
-
-
-async def reset_by(peer: trio_uring.ZeroCopyStream) -> None:
-    """The peer closes with SO_LINGER (1, 0), resetting the connection; the
-    reset has arrived when this returns."""
-    peer.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0))
-    await peer.aclose()
-    await trio.sleep(0.05)
-
-
-async def fails_at_a_checkpoint(
-    call: Callable[[], Awaitable[object]], error: type[BaseException]
-) -> None:
-    """``call()`` fails with ``error`` at a full checkpoint, and with
-    Cancelled in a cancelled scope: its cancellation point comes before
-    the failure is found, and such a call changes nothing."""
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        with pytest.raises(trio.Cancelled):
-            await call()
-    with trio.testing.assert_checkpoints():
-        with pytest.raises(error):
-            await call()
 
 
 async def test_send_eof_to_a_reset_peer_is_a_checkpoint(manager) -> None:
@@ -995,12 +982,7 @@ async def test_a_send_all_past_the_share_on_a_dead_connection_is_a_checkpoint(
     raises at a checkpoint all the same."""
     left, right = await zc_tcp_pair()
     data = b"x" * (2 * left.queue.byte_limit)
-    if how == "socket closed":
-        left.socket.close()
-        error: type[Exception] = trio.ClosedResourceError
-    else:
-        await reset_by(right)
-        error = trio.BrokenResourceError
+    error = await end_connection(how, left, right)
     await fails_at_a_checkpoint(lambda: left.send_all(data), error)
     await trio.aclose_forcefully(left)
     await right.aclose()
