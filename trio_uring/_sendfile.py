@@ -362,8 +362,8 @@ async def send_file(
         except Exception:
             # A failure found without waiting (a reset the first sendfile()
             # meets, a file that is not regular) comes at a full checkpoint
-            # too: the cancellation point was above.  As the stream's
-            # ``_schedule_point_before_raising``.
+            # too: the cancellation point was above (the rule at the
+            # stream's ``_cancel_shielded_checkpoint``).
             await trio.lowlevel.cancel_shielded_checkpoint()
             raise
         finally:

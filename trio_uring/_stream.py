@@ -51,23 +51,14 @@ _NEVER = sys.maxsize
 # Bound once: send_all and receive_some call them on every message.
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
-
-
-async def _schedule_point_before_raising() -> None:
-    """The schedule point of a call that fails without having waited.
-
-    Every public call is a full checkpoint, failing too, as trio's
-    SocketStream, whose socket ``send()`` yields before it raises: its
-    cancellation point comes first (a pending cancellation wins over the
-    error), and this, awaited in an ``except Exception`` block (not for
-    ``Cancelled``, which comes from a checkpoint), before the error leaves.
-    The wait helpers (``_drain``, ``_wait_for_room``, ``_wait_for_share``)
-    raise only after it, because their flush may break the stream at once
-    (a reset, a socket other code closed) and they then raise without
-    parking.  After a real wait it is one schedule point more, which is
-    harmless.
-    """
-    await _cancel_shielded_checkpoint()
+# Every public call is a full checkpoint, failing too, as trio's
+# SocketStream, whose socket send() yields before it raises: its
+# cancellation point comes first (a pending cancellation wins over the
+# error), and a call that fails without having waited (a flush that meets a
+# reset, a socket other code closed) awaits _cancel_shielded_checkpoint()
+# before the error leaves, in an ``except Exception`` block where the error
+# is found part way (not for Cancelled, which comes from a checkpoint).
+# After a real wait it is one schedule point more, which is harmless.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -679,14 +670,14 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
     async def _wait_for_share(self) -> None:
         """Flush, then wait while the queue holds a share's worth of unsent
         bytes (bytes held by reference or content, which take no slice).
-        Raises at a schedule point (``_schedule_point_before_raising``)."""
+        Raises at a schedule point (see ``_cancel_shielded_checkpoint``)."""
         queue = self.queue
         try:
             self._flush_now()
             await self._wait_for(lambda: queue.nbytes < queue.byte_limit)
             self._raise_if_broken()
         except Exception:
-            await _schedule_point_before_raising()
+            await _cancel_shielded_checkpoint()
             raise
 
     async def _queued_outside_send_all(self) -> None:
@@ -793,7 +784,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 await self._park()
             self._raise_if_broken()
         except Exception:
-            await _schedule_point_before_raising()
+            await _cancel_shielded_checkpoint()
             raise
         return queue.writable
 
@@ -875,7 +866,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
         """Send everything queued; return when the kernel has accepted it.
 
         Raises what the kernel reported for queued bytes, at a schedule
-        point (``_schedule_point_before_raising``).  Returning, a checkpoint
+        point (see ``_cancel_shielded_checkpoint``).  Returning, a checkpoint
         only when something had to be waited for.
         """
         queue = self.queue
@@ -890,7 +881,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                     await self._wait_for(lambda: self.in_flight is None)
             self._raise_if_broken()
         except Exception:
-            await _schedule_point_before_raising()
+            await _cancel_shielded_checkpoint()
             raise
 
     @contextlib.asynccontextmanager
@@ -970,7 +961,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
                 # Closing, or the kernel failing queued bytes, cleared the
                 # queue: the reserved bytes cannot follow what was lost.
                 self.queue.unreserve()
-                await _schedule_point_before_raising()
+                await _cancel_shielded_checkpoint()
                 self.check_open()
                 self._raise_if_broken()
             self.queue.commit(nbytes)
@@ -1059,7 +1050,7 @@ class ZeroCopyStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 # A reset connection with nothing queued: the drain waited
                 # for nothing.
-                await _schedule_point_before_raising()
+                await _cancel_shielded_checkpoint()
                 raise _stream_error(self, exc, "sending EOF") from exc
             await _cancel_shielded_checkpoint()
 
